@@ -1,0 +1,1 @@
+//! Payload packaging: reproducible tarball, manifest, checksums, verify and extract.
