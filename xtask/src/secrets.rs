@@ -1,0 +1,84 @@
+//! Keeping keys, passwords and tokens out of logs, `run.json` and `--dry-run` output.
+
+/// Words that mark the value after them as secret (`password=...`, `--token x`).
+const MARKERS: &[&str] = &["password", "passwd", "passphrase", "token", "secret", "api_key", "apikey", "access_key", "private_key"];
+
+/// Whether a string looks like it carries a secret value.
+pub fn looks_secret(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    lower.contains("-----begin") || MARKERS.iter().any(|m| lower.contains(m)) || has_token_shape(s)
+}
+
+/// Tokens of well-known shapes (GitHub, GitLab, AWS, Slack) that carry no marker word.
+fn has_token_shape(s: &str) -> bool {
+    ["ghp_", "gho_", "ghs_", "github_pat_", "glpat-", "AKIA", "xoxb-", "xoxp-"].iter().any(|p| {
+        s.match_indices(p).any(|(i, _)| s[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-').count() >= 16)
+    })
+}
+
+/// Replaces secret-looking values with `***`: the value after `=` or `:` of a marked
+/// `key=value`, or the whole word when it has a token's shape.
+pub fn redact(s: &str) -> String {
+    if !looks_secret(s) {
+        return s.to_string();
+    }
+    if s.to_ascii_lowercase().contains("-----begin") {
+        return "***".into();
+    }
+    let mut out = String::with_capacity(s.len());
+    for (i, word) in s.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(&redact_word(word));
+    }
+    out
+}
+
+fn redact_word(w: &str) -> String {
+    let lower = w.to_ascii_lowercase();
+    if let Some(pos) = w.find(['=', ':']) {
+        if MARKERS.iter().any(|m| lower[..pos].contains(m)) {
+            return format!("{}***", &w[..=pos]);
+        }
+    }
+    if has_token_shape(w) || MARKERS.iter().any(|m| lower.contains(m)) && w.len() > 24 {
+        return "***".into();
+    }
+    w.to_string()
+}
+
+/// Redacts a whole argv: a marked flag (`--password`) hides the argument after it too.
+pub fn redact_argv(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut hide_next = false;
+    for a in argv {
+        if hide_next {
+            out.push("***".into());
+            hide_next = false;
+            continue;
+        }
+        let lower = a.to_ascii_lowercase();
+        if lower.starts_with('-') && !a.contains('=') && MARKERS.iter().any(|m| lower.contains(m)) {
+            hide_next = true;
+            out.push(a.clone());
+            continue;
+        }
+        out.push(redact(a));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_marked_values_and_token_shapes() {
+        assert_eq!(redact("password=hunter2"), "password=***");
+        assert_eq!(redact("x TOKEN:abc y"), "x TOKEN:*** y");
+        assert_eq!(redact("ghp_0123456789abcdefABCDEF"), "***");
+        assert_eq!(redact("n=1000"), "n=1000");
+        assert_eq!(redact_argv(&["--password".into(), "s3cr3t".into(), "n=1".into()]), vec!["--password", "***", "n=1"]);
+    }
+}
