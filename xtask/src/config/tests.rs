@@ -141,3 +141,54 @@ fn peers_parse() {
     assert!(parse_peer("-oProxyCommand=x").is_err());
     assert!(parse_peer("a b").is_err());
 }
+
+/// Every key the loader accepts, per table, read back from serde's "expected one of" list.
+fn schema_keys() -> Vec<String> {
+    let tables = ["", "reach", "schedule", "schedule.slurm", "schedule.slurm.coordinator", "container", "image", "image.bootstrap", "source", "payload", "run"];
+    let mut keys = vec![];
+    for t in tables {
+        let text = if t.is_empty() { "zz_probe = 1\n".to_string() } else { format!("[{t}]\nzz_probe = 1\n") };
+        let e = load(&text).unwrap_err();
+        let list = e.message.split("expected").nth(1).unwrap_or_else(|| panic!("{t}: {}", e.message)).replace("one of", "").replace(" or ", ",");
+        for k in list.split(',').map(|k| k.trim().trim_matches('`').to_string()).filter(|k| !k.is_empty()) {
+            keys.push(if t.is_empty() { k } else { format!("{t}.{k}") });
+        }
+    }
+    keys
+}
+
+fn repo_file(rel: &str) -> String {
+    let root = Utf8Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    std::fs::read_to_string(root.join(rel)).unwrap()
+}
+
+#[test]
+fn docs_reference_lists_every_key() {
+    let doc = repo_file("docs/config.md");
+    let keys = schema_keys();
+    assert!(keys.len() > 50, "{keys:?}");
+    for k in keys {
+        let as_row = format!("| `{k}` |");
+        let as_table = format!("**`[{k}]`**");
+        assert!(doc.contains(&as_row) || doc.contains(&as_table), "docs/config.md does not document `{k}`");
+    }
+}
+
+#[test]
+fn every_toml_example_in_the_docs_parses() {
+    let mut n = 0;
+    for file in ["README.md", "docs/config.md"] {
+        let text = repo_file(file);
+        for block in text.split("```toml").skip(1) {
+            let toml = block.split("```").next().unwrap();
+            load(toml).unwrap_or_else(|e| panic!("a TOML example in {file} does not load:\n{toml}\n{e}"));
+            n += 1;
+        }
+    }
+    for entry in std::fs::read_dir(Utf8Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy/targets")).unwrap() {
+        let p = entry.unwrap().path();
+        load(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        n += 1;
+    }
+    assert!(n >= 4, "only {n} examples found");
+}

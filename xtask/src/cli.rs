@@ -1,0 +1,163 @@
+//! The command line. Subcommands mirror the seed's steps; `deploy` runs them all in order.
+
+use camino::Utf8PathBuf;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about = "Build DAPHNE in Singularity/Apptainer and deploy it to SLURM clusters",
+    long_about = "Build DAPHNE in Singularity/Apptainer and deploy it to SLURM clusters.\n\n\
+        The sweep: singularity -> build -> package -> upload -> start -> wait -> run -> logs -> stop -> clean.\n\
+        `cargo xtask deploy` runs all of it; each step is also a subcommand. Targets are files\n\
+        deploy/targets/<name>.toml; the built-in `local` target needs none.",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Target to deploy to: deploy/targets/<NAME>.toml, or the built-in `local`.
+    #[arg(long, global = true, default_value = "local", value_name = "NAME")]
+    pub target: String,
+    /// Print the plan (every stage and command) and touch nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Use this target file instead of looking the target up by name.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<Utf8PathBuf>,
+    /// Override the container runtime: auto, apptainer, singularity or host.
+    #[arg(long, global = true, value_name = "RUNTIME")]
+    pub runtime: Option<String>,
+    /// Act on this run instead of the target's current deployment.
+    #[arg(long = "run", global = true, value_name = "RUN_ID")]
+    pub run_id: Option<String>,
+    /// Print only errors and the coordinator's output.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more detail (timings, log paths).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnlyTarget {
+    Daphne,
+    Worker,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Generate singularity/<name>.def from the target's config and build the image (SIF).
+    Singularity {
+        /// Fail when the committed definition differs from what the config generates.
+        #[arg(long)]
+        check: bool,
+        /// Rebuild the image even when one with the same definition hash exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compile the `daphne` and `DistributedWorker` targets (inside the container).
+    Build {
+        /// Rebuild only this target and keep the other's artifacts.
+        #[arg(long, value_enum)]
+        only: Option<OnlyTarget>,
+        /// Build even when sources, image and build commands are unchanged.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack the build and the payload into a reproducible, checksummed tarball.
+    Package {
+        /// Verify a package (manifest and SHA256SUMS) instead of building one.
+        #[arg(long, value_name = "FILE")]
+        verify: Option<Utf8PathBuf>,
+        /// Also copy the package, its .sha256 and its manifest into DIR.
+        #[arg(long, value_name = "DIR")]
+        out: Option<Utf8PathBuf>,
+    },
+    /// Write the payload package, its .sha256 and manifest into target/dist/ for CI.
+    Dist,
+    /// Send the package to the target and install it as releases/<hash>/.
+    #[command(alias = "transfer")]
+    Upload,
+    /// Start the workers and record the deployment.
+    Start(Workers),
+    /// Show the deployment's workers, up or down.
+    Status,
+    /// Wait until every worker accepts connections.
+    Wait {
+        /// Seconds to wait (default: the target's ready_timeout).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Run the coordinator against the running workers.
+    Run(RunArgs),
+    /// Stop the workers and collect their logs.
+    Stop,
+    /// Collect the logs of the deployment (or of RUN_ID) into its run directory and show them.
+    Logs {
+        /// A past run (see `cargo xtask runs`).
+        run: Option<String>,
+    },
+    /// Remove the run's state on the target; --all also prunes unused releases.
+    Clean {
+        #[arg(long)]
+        all: bool,
+    },
+    /// The whole sweep: singularity, build, package, upload, start, wait, run, logs, stop, clean.
+    Deploy {
+        #[command(flatten)]
+        workers: Workers,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Show the whole sweep's plan (the same as `deploy --dry-run`).
+    Plan,
+    /// List past runs.
+    Runs,
+    /// List the known targets.
+    Targets,
+    /// Run a benchmark side by side with its baseline and print the ratio.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Bench {
+    /// Packaging vs `tar czf` on the same generated tree of binaries and libraries.
+    Package {
+        /// Size of the generated tree in MiB.
+        #[arg(long, default_value_t = 300)]
+        size_mb: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct Workers {
+    /// Number of workers (local and ssh schedulers).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Worker hosts for the ssh scheduler: host[:port],...
+    #[arg(long, value_name = "PEERS")]
+    pub peers: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// The DaphneDSL script: a payload path, a local file, or `-` for stdin
+    /// (default: the target's run.script).
+    #[arg(value_name = "SCRIPT")]
+    pub script: Option<String>,
+    /// Script arguments, name=value, passed through unchanged.
+    #[arg(value_name = "NAME=VALUE", trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}

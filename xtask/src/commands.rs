@@ -1,0 +1,421 @@
+//! From a parsed command line to a plan, and from the plan to the executor.
+
+use crate::cli::{Command, Global, OnlyTarget, RunArgs, Workers};
+use crate::config::{self, Config, Overrides};
+use crate::exec::Executor;
+use crate::plan::{Plan, Stage, Step};
+use crate::runstate::{self, Run};
+use crate::stages::coordinator::{self, Script};
+use crate::stages::{compile, facts, payload, upload, workers};
+use crate::ui;
+use anyhow::{bail, Context, Result};
+use camino::{Utf8Path, Utf8PathBuf};
+use std::io::Read;
+use std::time::Instant;
+
+/// Which run directory a command works in.
+enum RunChoice {
+    /// A fresh run (build, package, upload, start, deploy).
+    New,
+    /// The target's current deployment, or `--run ID`.
+    Current,
+}
+
+pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
+    ui::set_level(g.quiet, g.verbose);
+    match &cmd {
+        Command::Targets => return list_targets(root),
+        Command::Runs => return list_runs(root),
+        Command::Package { verify: Some(file), .. } => return verify_package(file),
+        Command::Logs { run: Some(id) } => return show_logs(&Run::open(root, id)?),
+        Command::Bench { which: crate::cli::Bench::Package { size_mb } } => {
+            let work = crate::paths::state_dir(root).join("bench");
+            std::fs::create_dir_all(&work)?;
+            println!("{}", crate::package::bench::bench_package(&work, *size_mb)?);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let workers = match &cmd {
+        Command::Start(w) | Command::Deploy { workers: w, .. } => w.clone(),
+        _ => Workers::default(),
+    };
+    let ov = Overrides { runtime: g.runtime.clone(), workers: workers.workers, peers: workers.peers, config_file: g.config.clone() };
+    let cfg = config::load(root, &g.target, &ov)?;
+    let facts = facts::gather(&cfg);
+    let script = match &cmd {
+        Command::Run(r) | Command::Deploy { run: r, .. } => Some(coordinator::resolve_script(&cfg, r.script.as_deref(), read_stdin)?),
+        _ => None,
+    };
+    let (stages, choice) = plan_command(&cfg, &facts, &cmd, script.as_ref())?;
+    let command = name(&cmd);
+    if g.dry_run || matches!(cmd, Command::Plan) {
+        let run_dir = match (&choice, current_run_id(root, g)) {
+            (RunChoice::Current, Some(id)) => crate::paths::runs_dir(root).join(id),
+            _ => crate::paths::runs_dir(root).join("<new run id>"),
+        };
+        let plan = Plan { command: command.into(), target: cfg.target.clone(), summary: summary(&cfg, &facts), run_dir, stages };
+        print!("{plan}");
+        return Ok(());
+    }
+    if let Command::Status = cmd {
+        return status(&cfg, &open_current(root, g)?);
+    }
+    let run = match choice {
+        RunChoice::New => Run::create(root, command, &cfg.target, scheduler_name(&cfg), cfg.runtime.name())?,
+        RunChoice::Current => open_current(root, g)?,
+    };
+    ui::detail(&format!("run {} in {}", run.id(), run.dir));
+    let started = Instant::now();
+    let mut ex = Executor::new(&cfg, &facts, run);
+    ex.script = script;
+    let result = match cmd {
+        Command::Deploy { .. } => deploy(&mut ex, &stages),
+        Command::Start(_) => {
+            runstate::set_current(root, &cfg.target, ex.run.id())?;
+            run_stages(&mut ex, &stages)
+        }
+        Command::Stop => {
+            let r = run_stages(&mut ex, &stages);
+            if r.is_ok() {
+                runstate::clear_current(root, &cfg.target, ex.run.id());
+            }
+            r
+        }
+        _ => run_stages(&mut ex, &stages),
+    };
+    if matches!(command, "deploy" | "start" | "run" | "stop" | "build" | "package" | "upload") || result.is_err() {
+        ex.finish_command(command, &result, started);
+    }
+    if let Command::Package { out: Some(dir), .. } = &cmd {
+        if result.is_ok() {
+            copy_dist(&ex, dir)?;
+        }
+    }
+    if let Command::Dist = &cmd {
+        if result.is_ok() {
+            copy_dist(&ex, &root.join("target/dist"))?;
+        }
+    }
+    match &result {
+        Ok(()) if command == "deploy" => ui::stage("done", &format!("run directory: {}", ex.run.dir)),
+        Err(_) => ui::info(&format!("run directory: {}", ex.run.dir)),
+        _ => {}
+    }
+    result
+}
+
+fn name(cmd: &Command) -> &'static str {
+    match cmd {
+        Command::Singularity { .. } => "singularity",
+        Command::Build { .. } => "build",
+        Command::Package { .. } => "package",
+        Command::Dist => "dist",
+        Command::Upload => "upload",
+        Command::Start(_) => "start",
+        Command::Status => "status",
+        Command::Wait { .. } => "wait",
+        Command::Run(_) => "run",
+        Command::Stop => "stop",
+        Command::Logs { .. } => "logs",
+        Command::Clean { .. } => "clean",
+        Command::Deploy { .. } | Command::Plan => "deploy",
+        Command::Runs => "runs",
+        Command::Targets => "targets",
+        Command::Bench { .. } => "bench",
+    }
+}
+
+fn scheduler_name(cfg: &Config) -> &'static str {
+    match cfg.scheduler {
+        config::Scheduler::Local => "local",
+        config::Scheduler::Ssh => "ssh",
+        config::Scheduler::Slurm => "slurm",
+    }
+}
+
+fn summary(cfg: &Config, facts: &facts::Facts) -> String {
+    let runtime = match (&cfg.runtime, &facts.runtime_bin) {
+        (config::Runtime::Host, _) => "host".to_string(),
+        (_, Some(b)) => b.clone(),
+        (r, None) => format!("{} (not found)", r.name()),
+    };
+    format!("scheduler {}, runtime {runtime}, {} workers", scheduler_name(cfg), cfg.workers)
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = vec![];
+    std::io::stdin().read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// The stage of the image: issue-3 territory, but the plan always shows it.
+fn plan_singularity(cfg: &Config, facts: &facts::Facts) -> Result<Stage> {
+    if cfg.runtime == config::Runtime::Host {
+        return Ok(Stage::skip("singularity", "runtime `host` uses no container image"));
+    }
+    let _ = facts;
+    bail!(
+        "singularity: building images is not implemented in this version\n  fix: use `--runtime host` (the default of the `local` target)"
+    )
+}
+
+fn plan_logs(_cfg: &Config) -> Stage {
+    Stage::run("logs", "every log is kept in the run directory", vec![Step::CollectLogs])
+}
+
+fn plan_clean(cfg: &Config, run_id: Option<&str>) -> Stage {
+    let path = format!("{}/{}", upload::runs_dir(cfg), run_id.unwrap_or("<run id>"));
+    Stage::run("clean", "the run's state on the target is no longer needed", vec![Step::RemoveRemote { path }])
+}
+
+fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Option<&Script>) -> Result<(Vec<Stage>, RunChoice)> {
+    use RunChoice::*;
+    Ok(match cmd {
+        Command::Singularity { .. } => (vec![plan_singularity(cfg, facts)?], New),
+        Command::Build { only, force } => {
+            let only = only.map(|o| match o {
+                OnlyTarget::Daphne => compile::Only::Daphne,
+                OnlyTarget::Worker => compile::Only::Worker,
+            });
+            (vec![compile::plan(cfg, facts, only, *force)?], New)
+        }
+        Command::Package { .. } | Command::Dist => (vec![payload::plan(cfg, facts)], New),
+        Command::Upload => (vec![upload::plan(cfg)?], New),
+        Command::Start(_) => (vec![workers::plan_start(cfg, facts)?], New),
+        Command::Status => (vec![], Current),
+        Command::Wait { timeout } => {
+            let mut s = workers::plan_wait(cfg)?;
+            if let (Some(t), Some(Step::WaitReady { timeout: w })) = (timeout, s.steps.first_mut()) {
+                *w = std::time::Duration::from_secs(*t);
+            }
+            (vec![s], Current)
+        }
+        Command::Run(RunArgs { args, .. }) => {
+            let args = if args.is_empty() { cfg.run.args.clone() } else { args.clone() };
+            (vec![coordinator::plan(cfg, facts, script.expect("resolved"), &args)?], Current)
+        }
+        Command::Stop => (vec![plan_logs(cfg), workers::plan_stop(cfg)?], Current),
+        Command::Logs { .. } => (vec![plan_logs(cfg)], Current),
+        Command::Clean { .. } => (vec![plan_clean(cfg, None)], Current),
+        Command::Deploy { .. } | Command::Plan => {
+            let args = match cmd {
+                Command::Deploy { run, .. } if !run.args.is_empty() => run.args.clone(),
+                _ => cfg.run.args.clone(),
+            };
+            let script = match script {
+                Some(s) => s.clone(),
+                None => coordinator::resolve_script(cfg, None, || Ok(vec![]))?,
+            };
+            (deploy_stages(cfg, facts, &script, &args)?, New)
+        }
+        Command::Runs | Command::Targets | Command::Bench { .. } => unreachable!("handled before planning"),
+    })
+}
+
+/// The seed's order: singularity, build, package, upload, start, wait, run, logs, stop, clean.
+pub fn deploy_stages(cfg: &Config, facts: &facts::Facts, script: &Script, args: &[String]) -> Result<Vec<Stage>> {
+    Ok(vec![
+        plan_singularity(cfg, facts)?,
+        compile::plan(cfg, facts, None, false)?,
+        payload::plan(cfg, facts),
+        upload::plan(cfg)?,
+        workers::plan_start(cfg, facts)?,
+        workers::plan_wait(cfg)?,
+        coordinator::plan(cfg, facts, script, args)?,
+        plan_logs(cfg),
+        workers::plan_stop(cfg)?,
+        plan_clean(cfg, None),
+    ])
+}
+
+/// Stages after which cleanup is guaranteed, whatever happened before.
+const CLEANUP: &[&str] = &["logs", "stop", "clean"];
+
+/// Runs the sweep; once anything may be running, logs, stop and clean always run.
+fn deploy(ex: &mut Executor, stages: &[Stage]) -> Result<()> {
+    let mut result = Ok(());
+    for stage in stages.iter().filter(|s| !CLEANUP.contains(&s.name)) {
+        result = ex.run_stage(stage);
+        if result.is_err() {
+            break;
+        }
+    }
+    if let Err(e) = &result {
+        ui::error(&format!("{e:#}"));
+        ui::info("cleaning up: collecting logs, stopping workers");
+    }
+    ex.cleaning = true;
+    let run_id = ex.run.id().to_string();
+    for stage in stages.iter().filter(|s| CLEANUP.contains(&s.name)) {
+        let mut stage = stage.clone();
+        for step in &mut stage.steps {
+            if let Step::RemoveRemote { path } = step {
+                *path = path.replace("<run id>", &run_id);
+            }
+        }
+        let r = ex.run_stage(&stage);
+        if let Err(e) = r {
+            if result.is_ok() {
+                result = Err(e);
+            } else {
+                ui::error(&format!("cleanup: {e:#}"));
+            }
+        }
+    }
+    result
+}
+
+fn run_stages(ex: &mut Executor, stages: &[Stage]) -> Result<()> {
+    for s in stages {
+        let mut s = s.clone();
+        let id = ex.run.id().to_string();
+        for step in &mut s.steps {
+            if let Step::RemoveRemote { path } = step {
+                *path = path.replace("<run id>", &id);
+            }
+        }
+        ex.run_stage(&s)?;
+    }
+    Ok(())
+}
+
+fn current_run_id(root: &Utf8Path, g: &Global) -> Option<String> {
+    g.run_id.clone().or_else(|| runstate::current(root, &g.target))
+}
+
+fn open_current(root: &Utf8Path, g: &Global) -> Result<Run> {
+    match current_run_id(root, g) {
+        Some(id) => Run::open(root, &id),
+        None => bail!("no deployment is running for target `{}`\n  fix: run `cargo xtask start --target {0}` first, or pass `--run RUN_ID`", g.target),
+    }
+}
+
+fn status(cfg: &Config, run: &Run) -> Result<()> {
+    println!("run {} (target {}, {})", run.id(), cfg.target, run.record.outcome);
+    let mut up = 0;
+    for w in &run.record.workers {
+        let alive = w.pid.is_some_and(|p| crate::proc::alive(p, w.start_ticks));
+        let accepting = alive && workers::accepts(&w.addr(), std::time::Duration::from_millis(300));
+        up += usize::from(accepting);
+        let state = if accepting { "up" } else if alive { "starting" } else { "down" };
+        println!("  worker {:>3}  {:<22} pid {:<8} {state}", w.index, w.addr(), w.pid.map_or("-".into(), |p| p.to_string()));
+    }
+    println!("{up}/{} workers up", run.record.workers.len());
+    Ok(())
+}
+
+fn show_logs(run: &Run) -> Result<()> {
+    let r = &run.record;
+    println!("run {} ({} on {}, {}, {})", r.run_id, r.command, r.target, r.created_utc, r.outcome);
+    if let Some(e) = &r.error {
+        println!("error: {e}");
+    }
+    for s in &r.stages {
+        println!("  {:<12} {:<11} {:>7.2}s  {}", s.name, s.status, s.seconds, s.reason);
+    }
+    println!("directory: {}", run.dir);
+    let mut files: Vec<_> = run.dir.read_dir_utf8()?.flatten().map(|e| e.file_name().to_string()).collect();
+    files.sort();
+    for f in files {
+        println!("  {f}");
+    }
+    if let Some(c) = r.coordinator_runs.last() {
+        println!("coordinator output ({}):", c.stdout);
+        for l in crate::proc::tail_file(Utf8Path::new(&c.stdout), 20) {
+            println!("  {l}");
+        }
+    }
+    Ok(())
+}
+
+fn list_targets(root: &Utf8Path) -> Result<()> {
+    for t in config::list_targets(root) {
+        match config::load(root, &t, &Overrides::default()) {
+            Ok(c) => println!("{t:<16} {:<6} {}", scheduler_name(&c), c.description),
+            Err(e) => println!("{t:<16} error: {}", e.to_string().lines().next().unwrap_or("")),
+        }
+    }
+    Ok(())
+}
+
+fn list_runs(root: &Utf8Path) -> Result<()> {
+    let runs = runstate::list(root);
+    if runs.is_empty() {
+        println!("no runs yet; `cargo xtask deploy` makes one");
+    }
+    for r in runs {
+        println!("{:<40} {:<10} {:<10} {:<21} {}", r.run_id, r.command, r.target, r.created_utc, r.outcome);
+    }
+    Ok(())
+}
+
+fn verify_package(file: &Utf8Path) -> Result<()> {
+    let v = crate::package::verify(file).with_context(|| format!("package --verify: {file} is not a valid package"))?;
+    println!("{file}: OK ({} files, content hash {}, archive sha256 {})", v.manifest.files.len(), v.content_hash, v.archive_sha256);
+    Ok(())
+}
+
+/// Copies the package, its `.sha256` and its manifest into `dir` for a CI job to upload.
+fn copy_dist(ex: &Executor, dir: &Utf8Path) -> Result<()> {
+    let pkg = Utf8PathBuf::from(ex.run.record.package.clone().context("no package was written")?);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir}"))?;
+    let name = pkg.file_name().context("package has no name")?;
+    let sha = Utf8PathBuf::from(format!("{pkg}.sha256"));
+    for (from, to) in [(&pkg, dir.join(name)), (&sha, dir.join(format!("{name}.sha256")))] {
+        let tmp = dir.join(format!(".{}.tmp", to.file_name().unwrap_or("x")));
+        std::fs::copy(from, &tmp).with_context(|| format!("cannot copy {from} into {dir}"))?;
+        std::fs::rename(&tmp, &to)?;
+    }
+    let v = crate::package::verify(&dir.join(name))?;
+    runstate::write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&v.manifest)?.as_bytes())?;
+    ui::info(&format!("wrote {name}, {name}.sha256 and manifest.json into {dir}"));
+    Ok(())
+}
+
+impl Executor<'_> {
+    /// Records the outcome of a command in its run.
+    pub fn finish_command(&mut self, _command: &str, result: &Result<()>, started: Instant) {
+        self.finish(result, started);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+
+    fn fixed_facts(cached: bool) -> facts::Facts {
+        facts::Facts {
+            runtime_bin: None,
+            runtime_missing: None,
+            build_key: "0123456789abcdef".into(),
+            build_cached: cached,
+            source_exists: true,
+            commit: "c0ffee".into(),
+            dirty: false,
+        }
+    }
+
+    fn render(cfg: &Config, facts: &facts::Facts, script: Script, args: &[String]) -> String {
+        let stages = deploy_stages(cfg, facts, &script, args).unwrap();
+        let plan = Plan { command: "deploy".into(), target: cfg.target.clone(), summary: summary(cfg, facts), run_dir: "/repo/target/xtask/runs/<new run id>".into(), stages };
+        plan.to_string()
+    }
+
+    #[test]
+    fn dry_run_plan_of_a_fresh_local_deploy() {
+        let cfg = load_str(Utf8Path::new("/repo"), "local", None, "", &Overrides::default()).unwrap();
+        let out = render(&cfg, &fixed_facts(false), Script::Payload("payload/deploy/examples/sum.daph".into()), &[]);
+        insta::assert_snapshot!(out);
+    }
+
+    #[test]
+    fn dry_run_plan_with_cached_build_fixed_ports_and_hostile_args() {
+        let toml = "[schedule]\nworkers = 3\nport_base = 50000\n[run]\ndist_backend = \"async-gRPC\"\n";
+        let cfg = load_str(Utf8Path::new("/repo"), "local", None, toml, &Overrides::default()).unwrap();
+        let args = vec!["n=10".to_string(), "msg=it's $(rm -rf /); `x`".to_string(), "token=hunter2".to_string()];
+        let out = render(&cfg, &fixed_facts(true), Script::Stdin(b"print(1);".to_vec()), &args);
+        insta::assert_snapshot!(out);
+    }
+}

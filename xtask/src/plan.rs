@@ -1,0 +1,226 @@
+//! The plan: every stage of a sweep as plain data, before anything runs.
+//!
+//! Planning is pure (config + facts in, steps out), so `--dry-run` prints exactly what the
+//! executor would run. Values that only an earlier step can produce (a free port, the
+//! package's hash, a SLURM job id) are typed placeholders, never strings spliced into argv.
+
+use crate::quote;
+use camino::Utf8PathBuf;
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+/// One argument, or part of one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Lit(String),
+    Var(Var),
+    /// Parts joined into one argument, e.g. `127.0.0.1:` + the port of worker 0.
+    Concat(Vec<Arg>),
+}
+
+/// A value produced while the plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Var {
+    /// The directory of the installed release on the target.
+    Release,
+    /// The port of worker k (picked when it starts on `local` with automatic ports).
+    Port(usize),
+    /// `host:port,host:port,...` of every ready worker.
+    Peers,
+    /// The package file that the package stage wrote.
+    Package,
+    /// The coordinator's script, copied into the run directory.
+    Script,
+}
+
+impl Arg {
+    pub fn lit(s: impl Into<String>) -> Arg {
+        Arg::Lit(s.into())
+    }
+}
+
+impl From<&str> for Arg {
+    fn from(s: &str) -> Arg {
+        Arg::Lit(s.to_string())
+    }
+}
+impl From<String> for Arg {
+    fn from(s: String) -> Arg {
+        Arg::Lit(s)
+    }
+}
+impl From<&Utf8PathBuf> for Arg {
+    fn from(s: &Utf8PathBuf) -> Arg {
+        Arg::Lit(s.to_string())
+    }
+}
+impl From<Var> for Arg {
+    fn from(v: Var) -> Arg {
+        Arg::Var(v)
+    }
+}
+
+impl fmt::Display for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Var::Release => write!(f, "<release>"),
+            Var::Port(k) => write!(f, "<port-{k}>"),
+            Var::Peers => write!(f, "<peers>"),
+            Var::Package => write!(f, "<package>"),
+            Var::Script => write!(f, "<run-dir>/script.daph"),
+        }
+    }
+}
+
+/// A command as an argv vector, with its environment and working directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cmd {
+    pub argv: Vec<Arg>,
+    pub env: Vec<(String, Arg)>,
+    pub cwd: Option<Utf8PathBuf>,
+}
+
+impl Cmd {
+    pub fn cwd(mut self, dir: impl Into<Utf8PathBuf>) -> Cmd {
+        self.cwd = Some(dir.into());
+        self
+    }
+    pub fn env(mut self, key: &str, value: impl Into<Arg>) -> Cmd {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+    pub fn program(&self) -> String {
+        match self.argv.first() {
+            Some(Arg::Lit(s)) => s.clone(),
+            Some(a) => render_arg(a),
+            None => String::new(),
+        }
+    }
+}
+
+/// What a stage does. One executor (`exec.rs`) knows how to run each kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Say something the user must know (e.g. "building without a container").
+    Note(String),
+    /// Run to completion; a non-zero exit fails the stage. Output goes to `log` in the run dir.
+    Exec { cmd: Cmd, log: String },
+    /// Copy the build outputs (`bin/`, `lib/`) into the keyed build directory.
+    CollectArtifacts { from: Utf8PathBuf, to: Utf8PathBuf },
+    /// Build the payload package in-process.
+    Pack { build_dir: Utf8PathBuf, out_dir: Utf8PathBuf },
+    /// Verify the package and extract it atomically into `releases/<hash>/` on the target.
+    Install { releases: String },
+    /// Start worker k in the background, in its own process group, and record its PID.
+    SpawnWorker { index: usize, host: String, cmd: Cmd },
+    /// Every worker accepts a TCP connection before the deadline, or the stage fails.
+    WaitReady { timeout: Duration },
+    /// Run the coordinator, streaming its output; its exit code becomes the tool's.
+    Coordinator { cmd: Cmd },
+    /// Copy every log of the run into the local run directory and write `run.json`.
+    CollectLogs,
+    /// SIGTERM every worker's process group, then SIGKILL after `grace`.
+    StopWorkers { grace: Duration },
+    /// Remove a directory of this run's state on the target.
+    RemoveRemote { path: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Run(String),
+    Skip(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: &'static str,
+    pub decision: Decision,
+    pub steps: Vec<Step>,
+}
+
+impl Stage {
+    pub fn run(name: &'static str, why: impl Into<String>, steps: Vec<Step>) -> Stage {
+        Stage { name, decision: Decision::Run(why.into()), steps }
+    }
+    pub fn skip(name: &'static str, why: impl Into<String>) -> Stage {
+        Stage { name, decision: Decision::Skip(why.into()), steps: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The subcommand this plan is for (`deploy`, `build`, ...).
+    pub command: String,
+    pub target: String,
+    pub summary: String,
+    pub run_dir: Utf8PathBuf,
+    pub stages: Vec<Stage>,
+}
+
+/// Renders one argument for humans; placeholders in angle brackets, secrets hidden.
+pub fn render_arg(a: &Arg) -> String {
+    match a {
+        Arg::Lit(s) => crate::secrets::redact(s),
+        Arg::Var(v) => v.to_string(),
+        Arg::Concat(parts) => parts.iter().map(render_arg).collect(),
+    }
+}
+
+pub fn render_cmd(c: &Cmd) -> String {
+    let mut out = String::new();
+    if let Some(cwd) = &c.cwd {
+        let _ = write!(out, "cd {} && ", quote::quote(cwd.as_str()));
+    }
+    for (k, v) in &c.env {
+        let _ = write!(out, "{k}={} ", render_quoted(v));
+    }
+    let argv: Vec<String> = c.argv.iter().map(render_quoted).collect();
+    out.push_str(&argv.join(" "));
+    out
+}
+
+/// Shell-quotes the literal parts of an argument and leaves `<placeholders>` readable.
+fn render_quoted(a: &Arg) -> String {
+    match a {
+        Arg::Lit(s) => quote::quote(&crate::secrets::redact(s)).into_owned(),
+        Arg::Var(v) => v.to_string(),
+        Arg::Concat(parts) => parts.iter().map(render_quoted).collect(),
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Note(n) => write!(f, "note: {n}"),
+            Step::Exec { cmd, log } => write!(f, "$ {}    [log: {log}]", render_cmd(cmd)),
+            Step::CollectArtifacts { from, to } => write!(f, "collect {from}/{{bin,lib}} -> {to}"),
+            Step::Pack { build_dir, out_dir } => write!(f, "pack {build_dir} + payload -> {out_dir}/daphne-payload-<hash>"),
+            Step::Install { releases } => write!(f, "verify <package>, extract into {releases}/<hash> (temp dir, then rename)"),
+            Step::SpawnWorker { index, host, cmd } => write!(f, "spawn worker {index} on {host}: {}    [log: worker-{index}.out, worker-{index}.err]", render_cmd(cmd)),
+            Step::WaitReady { timeout } => write!(f, "wait until every worker accepts a TCP connection (timeout {}s)", timeout.as_secs()),
+            Step::Coordinator { cmd } => write!(f, "$ {}    [log: coordinator.out, coordinator.err]", render_cmd(cmd)),
+            Step::CollectLogs => write!(f, "collect worker and coordinator logs into the run directory; write run.json"),
+            Step::StopWorkers { grace } => write!(f, "stop every worker's process group (SIGTERM, SIGKILL after {}s)", grace.as_secs()),
+            Step::RemoveRemote { path } => write!(f, "remove {path}"),
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan `{}` for target `{}` ({})", self.command, self.target, self.summary)?;
+        writeln!(f, "run directory: {}", self.run_dir)?;
+        let width = self.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        for (i, s) in self.stages.iter().enumerate() {
+            let (what, why) = match &s.decision {
+                Decision::Run(why) => ("run ", why),
+                Decision::Skip(why) => ("skip", why),
+            };
+            writeln!(f, "{:>2}. {:<width$}  {what}  {why}", i + 1, s.name)?;
+            for step in &s.steps {
+                writeln!(f, "      {step}")?;
+            }
+        }
+        Ok(())
+    }
+}
