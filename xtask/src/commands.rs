@@ -47,6 +47,9 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
         Command::Run(r) | Command::Deploy { run: r, .. } => Some(coordinator::resolve_script(&cfg, r.script.as_deref(), read_stdin)?),
         _ => None,
     };
+    // From here on, Ctrl-C and SIGTERM clean up instead of killing us outright (reading a
+    // script from stdin above stays interruptible the ordinary way).
+    crate::signals::install();
     let (stages, choice) = plan_command(&cfg, &facts, &cmd, script.as_ref())?;
     let command = name(&cmd);
     if g.dry_run || matches!(cmd, Command::Plan) {

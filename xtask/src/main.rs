@@ -24,7 +24,6 @@ fn main() {
         return;
     }
     let cli = cli::Cli::parse();
-    signals::install();
     let root = paths::project_root();
     let result = commands::main(&root, &cli.global, cli.command);
     std::process::exit(match result {

@@ -204,8 +204,12 @@ pub fn stop_group(pgid: i32, grace: Duration) -> bool {
     if pgid <= 1 {
         return false;
     }
-    // SAFETY: kill(2) with a negative pid signals exactly that process group.
-    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    // SAFETY: kill(2) with a negative pid signals exactly that process group. SIGCONT lets
+    // a stopped member act on the SIGTERM instead of waiting for the SIGKILL.
+    unsafe {
+        libc::kill(-pgid, libc::SIGTERM);
+        libc::kill(-pgid, libc::SIGCONT);
+    }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         let _ = reap(pgid);

@@ -315,7 +315,7 @@ struct Idioms {
 
 impl Idioms {
     const OPCODES: u64 = 160;
-    const SNIPPETS: u64 = 1500;
+    const SNIPPETS: u64 = 300;
 
     fn new(rng: &mut XorShift) -> Self {
         let opcodes: Vec<Vec<u8>> =
@@ -338,9 +338,9 @@ fn code(out: &mut Vec<u8>, end: usize, idioms: &Idioms, rng: &mut XorShift) {
         let r = rng.next();
         match r % 8 {
             // Recurring idioms mixed with one-off instructions.
-            0..=2 => out.extend_from_slice(&idioms.snippets[rng.skewed(Idioms::SNIPPETS) as usize]),
-            3..=5 => out.extend_from_slice(&idioms.opcodes[rng.skewed(Idioms::OPCODES) as usize]),
-            6 => {
+            0..=1 => out.extend_from_slice(&idioms.snippets[rng.skewed(Idioms::SNIPPETS) as usize]),
+            2..=4 => out.extend_from_slice(&idioms.opcodes[rng.skewed(Idioms::OPCODES) as usize]),
+            5 | 6 => {
                 // call rel32: the displacement is what differs between call sites.
                 out.push(0xe8);
                 out.extend_from_slice(&(((r >> 8) % 0x100_0000) as i32 - 0x80_0000).to_le_bytes());
@@ -366,8 +366,11 @@ fn rodata(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
                 out.extend_from_slice(b"failed: %s\n\0");
             }
             1 => {
+                // Jump table: slowly varying 32-bit offsets.
+                let mut value = rng.below(1 << 20) as u32;
                 for _ in 0..16 + rng.below(64) {
-                    out.extend_from_slice(&(rng.skewed(300) as u32).to_le_bytes());
+                    value = value.wrapping_add(rng.skewed(64) as u32);
+                    out.extend_from_slice(&value.to_le_bytes());
                 }
             }
             _ => out.resize(out.len() + rng.below(64) as usize, 0),
@@ -399,14 +402,18 @@ fn symbols(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
     }
 }
 
-/// Elf64_Rela-like records: increasing offsets, few types, small addends.
+/// Elf64_Rela-like records: mostly R_X86_64_RELATIVE with increasing offsets and addends.
 fn relocations(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
-    let mut offset = 0x60_0000u64;
+    let mut offset = 0x60_0000u64 + (rng.below(1 << 16) << 3);
+    let mut addend = 0x20_0000u64 + rng.below(1 << 20);
     while out.len() < end {
-        offset += 8 * (1 + rng.below(4));
+        let relative = rng.below(10) != 0;
+        offset += if relative { 8 } else { 8 * (1 + rng.below(16)) };
+        addend += rng.skewed(256);
+        let info = if relative { 8 } else { 6 + (rng.skewed(5000) << 32) };
         out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&(8 + (rng.below(300) << 32)).to_le_bytes());
-        out.extend_from_slice(&rng.below(64).to_le_bytes());
+        out.extend_from_slice(&info.to_le_bytes());
+        out.extend_from_slice(&addend.to_le_bytes());
     }
 }
 
