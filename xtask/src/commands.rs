@@ -43,6 +43,11 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     let ov = Overrides { runtime: g.runtime.clone(), workers: workers.workers, peers: workers.peers, config_file: g.config.clone() };
     let cfg = config::load(root, &g.target, &ov)?;
     let facts = facts::gather(&cfg);
+    if let Command::Singularity { check: true, .. } = cmd {
+        crate::stages::image::check(&cfg, &facts.definition)?;
+        println!("{} is up to date", crate::paths::display(root, &cfg.image.definition));
+        return Ok(());
+    }
     let script = match &cmd {
         Command::Run(r) | Command::Deploy { run: r, .. } => Some(coordinator::resolve_script(&cfg, r.script.as_deref(), read_stdin)?),
         _ => None,
@@ -152,15 +157,8 @@ fn read_stdin() -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The stage of the image: issue-3 territory, but the plan always shows it.
 fn plan_singularity(cfg: &Config, facts: &facts::Facts) -> Result<Stage> {
-    if cfg.runtime == config::Runtime::Host {
-        return Ok(Stage::skip("singularity", "runtime `host` uses no container image"));
-    }
-    let _ = facts;
-    bail!(
-        "singularity: building images is not implemented in this version\n  fix: use `--runtime host` (the default of the `local` target)"
-    )
+    crate::stages::image::plan(cfg, facts, false)
 }
 
 fn plan_logs(_cfg: &Config) -> Stage {
@@ -175,7 +173,20 @@ fn plan_clean(cfg: &Config, run_id: Option<&str>) -> Stage {
 fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Option<&Script>) -> Result<(Vec<Stage>, RunChoice)> {
     use RunChoice::*;
     Ok(match cmd {
-        Command::Singularity { .. } => (vec![plan_singularity(cfg, facts)?], New),
+        Command::Singularity { force, .. } => {
+            let mut stage = crate::stages::image::plan(cfg, facts, *force)?;
+            if cfg.runtime == config::Runtime::Host {
+                // `singularity` with runtime host still writes the definition users commit.
+                let def = &facts.definition;
+                let current = std::fs::read_to_string(&cfg.image.definition).is_ok_and(|t| t == def.text);
+                stage = if current {
+                    Stage::skip("singularity", "definition is current; runtime `host` builds no image (use --runtime apptainer)")
+                } else {
+                    Stage::run("singularity", "runtime `host` builds no image; writing the definition only", vec![Step::WriteFile { path: cfg.image.definition.clone(), contents: def.text.clone() }])
+                };
+            }
+            (vec![stage], New)
+        }
         Command::Build { only, force } => {
             let only = only.map(|o| match o {
                 OnlyTarget::Daphne => compile::Only::Daphne,
@@ -397,6 +408,8 @@ mod tests {
             source_exists: true,
             commit: "c0ffee".into(),
             dirty: false,
+            definition: crate::stages::definition::Definition { text: String::new(), hash: "feedfacefeedface".into() },
+            image_hash: None,
         }
     }
 

@@ -48,6 +48,7 @@ impl<'a> Executor<'a> {
         if !peers.is_empty() {
             vars.insert(Var::Peers, peers.join(","));
         }
+        vars.insert(Var::RunId, run.id().to_string());
         Executor { cfg, facts, run, vars, script: None, cleaning: false }
     }
 
@@ -147,6 +148,22 @@ impl<'a> Executor<'a> {
             Step::Coordinator { cmd } => self.coordinator(cmd)?,
             Step::CollectLogs => self.collect_logs()?,
             Step::StopWorkers { grace } => self.stop_workers(*grace)?,
+            Step::RequireFile { path, hint } => {
+                if !path.is_file() {
+                    bail!("{} does not exist\n  fix: {hint}", crate::paths::display(&self.cfg.root, path));
+                }
+            }
+            Step::WriteFile { path, contents } => {
+                crate::runstate::write_atomic(path, contents.as_bytes())?;
+                ui::info(&format!("wrote {}", crate::paths::display(&self.cfg.root, path)));
+            }
+            Step::BuildImage { cmd, partial, sif } => self.build_image(cmd, partial, sif)?,
+            Step::Remote { host, argv, log } => {
+                let ssh = self.cfg.ssh.as_ref().ok_or_else(|| anyhow!("target `{}` has no ssh host for {host}", self.cfg.target))?;
+                let remote: Vec<String> = argv.iter().map(|a| self.resolve(a)).collect::<Result<_>>()?;
+                let cmd = crate::ssh::command(ssh, &remote)?;
+                self.exec(&cmd, log)?;
+            }
             Step::RemoveRemote { path } => {
                 let p = Utf8Path::new(path);
                 if p.exists() {
@@ -173,6 +190,37 @@ impl<'a> Executor<'a> {
             );
         }
         ui::detail(&format!("done in {:.1}s (log: {log_path})", done.elapsed.as_secs_f64()));
+        Ok(())
+    }
+
+    fn build_image(&mut self, cmd: &Cmd, partial: &Arg, sif: &Utf8Path) -> Result<()> {
+        let partial = Utf8PathBuf::from(self.resolve(partial)?);
+        if let Some(dir) = sif.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("singularity: cannot create {dir}"))?;
+        }
+        let (c, _) = self.command(cmd)?;
+        self.echo(cmd);
+        let log = self.run.path("image-build.log");
+        let result = proc::run_logged_with(c, &log, &log, Echo::Quiet, None, Some("building image"));
+        let done = match result {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        if done.code != 0 || !partial.is_file() {
+            let _ = std::fs::remove_file(&partial);
+            bail!(
+                "singularity: `{}` failed with exit code {} after {:.0}s; last lines:\n{}\n  full log: {log}\n  fix: correct the [image] section of the target config (or the definition's base), then run `cargo xtask singularity` again",
+                cmd.program(),
+                done.code,
+                done.elapsed.as_secs_f64(),
+                indent(&done.tail)
+            );
+        }
+        std::fs::rename(&partial, sif).with_context(|| format!("singularity: cannot move {partial} to {sif}"))?;
+        ui::info(&format!("built {} in {:.0}s (log: {log})", crate::paths::display(&self.cfg.root, sif), done.elapsed.as_secs_f64()));
         Ok(())
     }
 
@@ -431,6 +479,7 @@ fn missing_var(v: Var, target: &str) -> anyhow::Error {
         Var::Peers => anyhow!("no workers are recorded for target `{target}`\n  fix: run `cargo xtask start --target {target}` first"),
         Var::Port(k) => anyhow!("no port was chosen for worker {k}"),
         Var::Script => anyhow!("the script was not staged"),
+        Var::RunId => anyhow!("no run id"),
     }
 }
 

@@ -12,6 +12,7 @@ mod quote;
 mod runstate;
 mod secrets;
 mod signals;
+mod ssh;
 mod stages;
 mod ui;
 

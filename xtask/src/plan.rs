@@ -31,6 +31,8 @@ pub enum Var {
     Package,
     /// The coordinator's script, copied into the run directory.
     Script,
+    /// The id of this run.
+    RunId,
 }
 
 impl Arg {
@@ -68,6 +70,7 @@ impl fmt::Display for Var {
             Var::Peers => write!(f, "<peers>"),
             Var::Package => write!(f, "<package>"),
             Var::Script => write!(f, "<run-dir>/script.daph"),
+            Var::RunId => write!(f, "<run-id>"),
         }
     }
 }
@@ -123,6 +126,14 @@ pub enum Step {
     StopWorkers { grace: Duration },
     /// Remove a directory of this run's state on the target.
     RemoveRemote { path: String },
+    /// Write a generated file (e.g. the definition) atomically.
+    WriteFile { path: Utf8PathBuf, contents: String },
+    /// Build the image into `partial`, then rename it to `sif`; show a spinner meanwhile.
+    BuildImage { cmd: Cmd, partial: Arg, sif: Utf8PathBuf },
+    /// Run a command on a remote host over ssh.
+    Remote { host: String, argv: Vec<Arg>, log: String },
+    /// Fail with `hint` unless the file exists when this step runs.
+    RequireFile { path: Utf8PathBuf, hint: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +213,15 @@ impl fmt::Display for Step {
             Step::CollectLogs => write!(f, "collect worker and coordinator logs into the run directory; write run.json"),
             Step::StopWorkers { grace } => write!(f, "stop every worker's process group (SIGTERM, SIGKILL after {}s)", grace.as_secs()),
             Step::RemoveRemote { path } => write!(f, "remove {path}"),
+            Step::RequireFile { path, .. } => write!(f, "require {path}"),
+            Step::WriteFile { path, contents } => write!(f, "write {path} ({} lines)", contents.lines().count()),
+            Step::BuildImage { cmd, partial, sif } => {
+                write!(f, "$ {}    [log: image-build.log]\n      rename {} -> {sif}", render_cmd(cmd), render_quoted(partial))
+            }
+            Step::Remote { host, argv, log } => {
+                let c = Cmd { argv: argv.clone(), env: vec![], cwd: None };
+                write!(f, "on {host}: {}    [log: {log}]", render_cmd(&c))
+            }
         }
     }
 }

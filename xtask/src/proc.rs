@@ -41,7 +41,13 @@ const TAIL_LINES: usize = 20;
 
 /// Runs a command to its end in its own process group, teeing stdout and stderr into log
 /// files. A pending SIGINT/SIGTERM stops the whole group and returns `Interrupted`.
-pub fn run_logged(mut cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo: Echo, stdin: Option<Vec<u8>>) -> Result<Finished> {
+pub fn run_logged(cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo: Echo, stdin: Option<Vec<u8>>) -> Result<Finished> {
+    run_logged_with(cmd, out_log, err_log, echo, stdin, None)
+}
+
+/// Like `run_logged`, with a spinner line (`label`, elapsed time, last output line) on
+/// stderr while it runs, when stderr is a terminal.
+pub fn run_logged_with(mut cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo: Echo, stdin: Option<Vec<u8>>, spinner: Option<&str>) -> Result<Finished> {
     let start = Instant::now();
     let out_file = create_log(out_log)?;
     let err_file = if err_log == out_log { out_file.clone() } else { create_log(err_log)? };
@@ -58,7 +64,16 @@ pub fn run_logged(mut cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo
         pump(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), out_file, Arc::clone(&tail), echo, false),
         pump(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>), err_file, Arc::clone(&tail), echo, true),
     ];
-    let status = wait_or_interrupt(&mut child)?;
+    let mut spin = spinner.map(|label| crate::ui::Spinner::new(label, start));
+    let status = wait_or_interrupt(&mut child, &mut |_| {
+        if let Some(s) = spin.as_mut() {
+            let last = tail.lock().ok().and_then(|t| t.back().cloned()).unwrap_or_default();
+            s.tick(&last);
+        }
+    })?;
+    if let Some(s) = spin.as_mut() {
+        s.clear();
+    }
     for r in readers.into_iter().flatten() {
         let _ = r.join();
     }
@@ -114,8 +129,9 @@ fn pump(src: Option<Box<dyn Read + Send>>, log: SharedFile, tail: Arc<Mutex<VecD
 }
 
 /// Waits for a child; on SIGINT/SIGTERM, stops its process group and reports the signal.
-fn wait_or_interrupt(child: &mut Child) -> Result<std::result::Result<ExitStatus, i32>> {
+fn wait_or_interrupt(child: &mut Child, on_tick: &mut dyn FnMut(())) -> Result<std::result::Result<ExitStatus, i32>> {
     loop {
+        on_tick(());
         if let Some(status) = child.try_wait()? {
             return Ok(Ok(status));
         }

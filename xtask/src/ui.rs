@@ -67,3 +67,41 @@ pub fn warn(msg: &str) {
 pub fn error(msg: &str) {
     eprintln!("{} {msg}", paint("1;31", "error:"));
 }
+
+/// A one-line progress display: spinner, label, elapsed seconds and the last output line.
+/// Drawn only when stderr is a terminal and not quiet, so logs and CI output stay clean.
+pub struct Spinner {
+    label: String,
+    start: std::time::Instant,
+    frame: usize,
+    last_draw: Option<std::time::Instant>,
+    enabled: bool,
+}
+
+impl Spinner {
+    pub fn new(label: &str, start: std::time::Instant) -> Spinner {
+        Spinner { label: label.into(), start, frame: 0, last_draw: None, enabled: normal() && std::io::stderr().is_terminal() }
+    }
+
+    pub fn tick(&mut self, last_line: &str) {
+        if !self.enabled || self.last_draw.is_some_and(|t| t.elapsed().as_millis() < 100) {
+            return;
+        }
+        const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        self.frame = (self.frame + 1) % FRAMES.len();
+        let width = terminal_width().saturating_sub(self.label.len() + 16).max(10);
+        let line: String = last_line.chars().filter(|c| !c.is_control()).take(width).collect();
+        eprint!("\r\x1b[2K    {} {} {:>5.0}s | {line}", FRAMES[self.frame], self.label, self.start.elapsed().as_secs_f64());
+        self.last_draw = Some(std::time::Instant::now());
+    }
+
+    pub fn clear(&mut self) {
+        if self.enabled && self.last_draw.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100)
+}

@@ -67,14 +67,20 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// Generates (or reuses) a ~`size_mb` MiB tree under `work_dir` and times `pack` vs `tar czf`.
+/// Generates (or reuses) a ~`size_mb` MiB tree under `work_dir` and times `pack` (default
+/// compression) against `tar czf`.
 pub fn bench_package(work_dir: &Utf8Path, size_mb: u64) -> Result<BenchReport> {
+    bench_package_with(work_dir, size_mb, Compression::default())
+}
+
+/// [`bench_package`] with an explicit compression, to compare levels.
+pub fn bench_package_with(work_dir: &Utf8Path, size_mb: u64, compression: Compression) -> Result<BenchReport> {
     let tree = work_dir.join("tree");
     ensure_tree(work_dir, &tree, size_mb)?;
     let entries = collect_entries(&tree)?;
     let input_bytes = entries.iter().filter_map(|e| fs::symlink_metadata(&e.source).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum();
     let out_dir = work_dir.join("out");
-    let spec = bench_spec(entries, &out_dir);
+    let spec = bench_spec(entries, &out_dir, compression);
     let tar_out = work_dir.join("tar-czf.tar.gz");
 
     let (mut pack_times, mut tar_times) = (Vec::new(), Vec::new());
@@ -110,10 +116,10 @@ pub fn bench_package(work_dir: &Utf8Path, size_mb: u64) -> Result<BenchReport> {
     })
 }
 
-fn bench_spec(entries: Vec<Entry>, out_dir: &Utf8Path) -> PackSpec {
+fn bench_spec(entries: Vec<Entry>, out_dir: &Utf8Path, compression: Compression) -> PackSpec {
     PackSpec {
         entries,
-        compression: Compression::default(),
+        compression,
         mtime: 1_700_000_000,
         tool_version: "bench".into(),
         source_commit: "0000000000000000000000000000000000000000".into(),
@@ -366,10 +372,11 @@ fn rodata(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
                 out.extend_from_slice(b"failed: %s\n\0");
             }
             1 => {
-                // Jump table: slowly varying 32-bit offsets.
-                let mut value = rng.below(1 << 20) as u32;
+                // 8-byte aligned pointer table into nearby code.
+                out.resize(out.len().next_multiple_of(8), 0);
+                let mut value = 0x40_0000 + rng.below(1 << 22);
                 for _ in 0..16 + rng.below(64) {
-                    value = value.wrapping_add(rng.skewed(64) as u32);
+                    value += rng.skewed(256);
                     out.extend_from_slice(&value.to_le_bytes());
                 }
             }
@@ -473,13 +480,20 @@ mod tests {
     }
 
     /// The real measurement: `cargo test -p xtask package::bench -- --ignored --nocapture`
-    /// (size via PACKAGE_BENCH_MB, default 300; the tree is kept in the system temp dir).
+    /// (size via PACKAGE_BENCH_MB, default 300; zstd levels to compare via PACKAGE_BENCH_LEVELS=1,3,5;
+    /// the tree is kept in the system temp dir).
     #[test]
     #[ignore = "takes about a minute"]
     fn bench_full_size() {
         let size = std::env::var("PACKAGE_BENCH_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
         let dir = Utf8PathBuf::from_path_buf(std::env::temp_dir().join("xtask-package-bench")).unwrap();
-        println!("{}", bench_package(&dir, size).unwrap());
+        let levels = std::env::var("PACKAGE_BENCH_LEVELS").unwrap_or_default();
+        if levels.is_empty() {
+            println!("{}", bench_package(&dir, size).unwrap());
+        }
+        for level in levels.split(',').filter_map(|l| l.trim().parse().ok()) {
+            println!("{}\n", bench_package_with(&dir, size, Compression::Zstd { level }).unwrap());
+        }
     }
 
     #[test]
@@ -497,23 +511,5 @@ mod tests {
         assert!(tree_dir(&dir_a).join("marker").exists());
         ensure_tree(&dir_a, &tree_dir(&dir_a), 2).unwrap();
         assert!(!tree_dir(&dir_a).join("marker").exists());
-    }
-}
-#[cfg(test)]
-mod scratch {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn sections() {
-        let mut rng = XorShift::new(7);
-        let idioms = Idioms::new(&mut rng);
-        for (name, f) in [("code", 0), ("sym", 1), ("rel", 2), ("ro", 3)] {
-            let mut out = Vec::new();
-            while out.len() < 20 << 20 {
-                let end = out.len() + (64 << 10);
-                match f { 0 => code(&mut out, end, &idioms, &mut rng), 1 => symbols(&mut out, end, &mut rng), 3 => rodata(&mut out, end, &mut rng), _ => relocations(&mut out, end, &mut rng) }
-            }
-            fs::write(format!("/tmp/sec-{name}"), out).unwrap();
-        }
     }
 }

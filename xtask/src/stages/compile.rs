@@ -30,18 +30,15 @@ pub fn is_complete(dir: &Utf8Path) -> bool {
 
 /// Hash of everything a build depends on: source files (path, size, mtime), the image, and
 /// the build commands.
-pub fn build_key(cfg: &Config, runtime_bin: Option<&str>) -> String {
+pub fn build_key(cfg: &Config, runtime_bin: Option<&str>, definition_hash: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"daphne-build-v1\0");
     fingerprint_tree(&cfg.source.path, &cfg.source.path, &mut h);
     match runtime_bin {
         None => h.update(b"runtime=host\0"),
         Some(bin) => {
-            h.update(format!("runtime={bin}\0").as_bytes());
-            // The image is identified by its definition, which labels the SIF it builds.
-            if let Ok(def) = std::fs::read(&cfg.image.definition) {
-                h.update(&def);
-            }
+            // The image is identified by its definition's hash, which labels the SIF it builds.
+            h.update(format!("runtime={bin}\0image={}\0{definition_hash}\0", cfg.image.sif).as_bytes());
         }
     }
     for cmd in [&cfg.source.build_daphne, &cfg.source.build_worker] {
@@ -90,7 +87,10 @@ pub fn plan(cfg: &Config, facts: &Facts, only: Option<Only>, force: bool) -> Res
     let image = cfg.image.sif.clone();
     match (cfg.runtime, &facts.runtime_bin) {
         (Runtime::Host, _) => steps.push(Step::Note("runtime `host`: building directly on this machine, without a container".into())),
-        (_, Some(bin)) => steps.push(Step::Note(format!("building inside the container image {image} with `{bin} exec`"))),
+        (_, Some(bin)) => {
+            steps.push(Step::Note(format!("building inside the container image {image} with `{bin} exec`")));
+            steps.push(Step::RequireFile { path: image.clone(), hint: format!("build the image first: `cargo xtask singularity --target {}`", cfg.target) });
+        }
         (_, None) => bail!(
             "build: no container runtime found ({})\n  fix: install Apptainer (`cargo xtask testbed install` does it on Debian 12), or use `--runtime host`",
             facts.runtime_missing.as_deref().unwrap_or("none configured")

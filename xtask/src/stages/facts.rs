@@ -20,14 +20,22 @@ pub struct Facts {
     /// Source commit (or `unknown`) and whether the tree has uncommitted changes.
     pub commit: String,
     pub dirty: bool,
+    /// The definition the config generates, and the hash recorded in the built SIF.
+    pub definition: crate::stages::definition::Definition,
+    pub image_hash: Option<String>,
 }
 
 pub fn gather(cfg: &Config) -> Facts {
     let (runtime_bin, runtime_missing) = resolve_runtime(cfg.runtime);
-    let build_key = compile::build_key(cfg, runtime_bin.as_deref());
+    let definition = crate::stages::definition::generate(cfg);
+    let image_hash = match (&runtime_bin, &runtime_missing) {
+        (Some(bin), None) => crate::stages::image::built_hash(bin, &cfg.image.sif),
+        _ => None,
+    };
+    let build_key = compile::build_key(cfg, runtime_bin.as_deref(), &definition.hash);
     let build_cached = compile::is_complete(&crate::paths::builds_dir(&cfg.root).join(&build_key));
     let (commit, dirty) = git_state(&cfg.root);
-    Facts { runtime_bin, runtime_missing, build_key, build_cached, source_exists: cfg.source.path.is_dir(), commit, dirty }
+    Facts { runtime_bin, runtime_missing, build_key, build_cached, source_exists: cfg.source.path.is_dir(), commit, dirty, definition, image_hash }
 }
 
 /// `auto` picks Apptainer, then Singularity; `host` needs none.

@@ -5,6 +5,8 @@ pub mod compile;
 pub mod coordinator;
 pub mod upload;
 pub mod container;
+pub mod definition;
 pub mod facts;
+pub mod image;
 pub mod payload;
 pub mod workers;
