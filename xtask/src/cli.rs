@@ -124,6 +124,11 @@ pub enum Command {
     Runs,
     /// List the known targets.
     Targets,
+    /// A real SLURM cluster on this machine for tests and trials (needs root).
+    Testbed {
+        #[command(subcommand)]
+        action: Testbed,
+    },
     /// Run a benchmark side by side with its baseline and print the ratio.
     Bench {
         #[command(subcommand)]
@@ -160,4 +165,24 @@ pub struct RunArgs {
     /// Script arguments, name=value, passed through unchanged.
     #[arg(value_name = "NAME=VALUE", trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Testbed {
+    /// Install what the testbed needs (slurm-wlm, munge, openssh-server, iproute2, rsync, Apptainer).
+    Install,
+    /// Bring up login + N nodes and write the `testbed` target.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+    },
+    /// Remove everything `up` created; safe to run twice.
+    Down,
+    /// Show the nodes and their SLURM state.
+    Status,
+    /// Fault hooks: `crash NODE`, `netcut NODE [down|up]`, `restart-slurmd NODE`.
+    Fault {
+        #[arg(required = true, num_args = 1..)]
+        args: Vec<String>,
+    },
 }

@@ -28,6 +28,16 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
         Command::Runs => return list_runs(root),
         Command::Package { verify: Some(file), .. } => return verify_package(file),
         Command::Logs { run: Some(id) } => return show_logs(&Run::open(root, id)?),
+        Command::Testbed { action } => {
+            use crate::cli::Testbed as T;
+            return match action {
+                T::Install => crate::testbed::install(root),
+                T::Up { nodes } => crate::testbed::up(root, *nodes),
+                T::Down => crate::testbed::down(root),
+                T::Status => crate::testbed::status(root),
+                T::Fault { args } => crate::testbed::fault(root, args),
+            };
+        }
         Command::Bench { which: crate::cli::Bench::Package { size_mb } } => {
             let work = crate::paths::state_dir(root).join("bench");
             std::fs::create_dir_all(&work)?;
@@ -131,6 +141,7 @@ fn name(cmd: &Command) -> &'static str {
         Command::Runs => "runs",
         Command::Targets => "targets",
         Command::Bench { .. } => "bench",
+        Command::Testbed { .. } => "testbed",
     }
 }
 
@@ -223,7 +234,7 @@ fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Optio
             };
             (deploy_stages(cfg, facts, &script, &args)?, New)
         }
-        Command::Runs | Command::Targets | Command::Bench { .. } => unreachable!("handled before planning"),
+        Command::Runs | Command::Targets | Command::Bench { .. } | Command::Testbed { .. } => unreachable!("handled before planning"),
     })
 }
 

@@ -32,6 +32,8 @@ pub struct Executor<'a> {
     pub script: Option<Script>,
     /// Set while cleaning up: steps then ignore a pending signal, so cleanup completes.
     pub cleaning: bool,
+    /// The ssh session to the login host, opened on first use (one handshake per run).
+    pub ssh: Option<crate::ssh::Session>,
 }
 
 impl<'a> Executor<'a> {
@@ -49,7 +51,16 @@ impl<'a> Executor<'a> {
             vars.insert(Var::Peers, peers.join(","));
         }
         vars.insert(Var::RunId, run.id().to_string());
-        Executor { cfg, facts, run, vars, script: None, cleaning: false }
+        Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None }
+    }
+
+    /// The ssh session to the target's login host.
+    pub fn session(&mut self) -> Result<&crate::ssh::Session> {
+        if self.ssh.is_none() {
+            let cfg = self.cfg.ssh.as_ref().ok_or_else(|| anyhow!("target `{}` has no login host (`host` under [reach])", self.cfg.target))?;
+            self.ssh = Some(crate::ssh::Session::new(cfg)?);
+        }
+        Ok(self.ssh.as_ref().expect("just set"))
     }
 
     fn check_signal(&self) -> Result<()> {
@@ -158,11 +169,10 @@ impl<'a> Executor<'a> {
                 ui::info(&format!("wrote {}", crate::paths::display(&self.cfg.root, path)));
             }
             Step::BuildImage { cmd, partial, sif } => self.build_image(cmd, partial, sif)?,
-            Step::Remote { host, argv, log } => {
-                let ssh = self.cfg.ssh.as_ref().ok_or_else(|| anyhow!("target `{}` has no ssh host for {host}", self.cfg.target))?;
+            Step::Remote { host: _, argv, log } => {
                 let remote: Vec<String> = argv.iter().map(|a| self.resolve(a)).collect::<Result<_>>()?;
-                let cmd = crate::ssh::command(ssh, &remote)?;
-                self.exec(&cmd, log)?;
+                let full = self.session()?.argv(&remote)?;
+                self.exec(&Cmd { argv: full.into_iter().map(Arg::Lit).collect(), env: vec![], cwd: None }, log)?;
             }
             Step::RemoveRemote { path } => {
                 let p = Utf8Path::new(path);

@@ -13,6 +13,7 @@ mod runstate;
 mod secrets;
 mod signals;
 mod ssh;
+mod testbed;
 mod stages;
 mod ui;
 

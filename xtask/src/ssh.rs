@@ -1,8 +1,13 @@
-//! The system OpenSSH client as an argv builder, so users' ~/.ssh/config, ProxyJump, agents
-//! and keys work as they expect. Remote command lines are built only by `quote::join`.
+//! The system OpenSSH client: users' ~/.ssh/config, ProxyJump, agents and keys work as they
+//! expect. One ControlMaster per session, so a whole deploy costs one SSH handshake. Remote
+//! command lines are built only by `quote::join`.
 
 use crate::config::Ssh;
-use crate::plan::{Arg, Cmd};
+use crate::quote;
+use anyhow::{bail, Context, Result};
+use camino::{Utf8Path, Utf8PathBuf};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
 
 /// Options every connection gets: never prompt, always verify host keys.
 pub fn base_args(s: &Ssh) -> Vec<String> {
@@ -29,13 +34,155 @@ pub fn base_args(s: &Ssh) -> Vec<String> {
     a
 }
 
-/// `ssh [options] HOST -- 'quoted remote argv'`.
-pub fn command(s: &Ssh, remote: &[String]) -> Result<Cmd, crate::quote::NulInArg> {
-    let line = crate::quote::join(remote)?;
-    let mut argv: Vec<Arg> = vec!["ssh".into()];
-    argv.extend(base_args(s).into_iter().map(Arg::Lit));
-    argv.push(Arg::Lit(s.host.clone()));
-    argv.push("--".into());
-    argv.push(Arg::Lit(line));
-    Ok(Cmd { argv, env: vec![], cwd: None })
+/// An ssh connection to one host, multiplexed through a ControlMaster that this session
+/// starts on first use and stops when dropped.
+pub struct Session {
+    pub cfg: Ssh,
+    /// Short private directory for the control socket (socket paths are limited to ~100 bytes).
+    control_dir: tempfile::TempDir,
+}
+
+impl Session {
+    pub fn new(cfg: &Ssh) -> Result<Session> {
+        let control_dir = tempfile::Builder::new().prefix("dx-").tempdir_in("/tmp").context("cannot create a directory for the ssh control socket")?;
+        Ok(Session { cfg: cfg.clone(), control_dir })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.cfg.host
+    }
+
+    pub fn control_path(&self) -> Utf8PathBuf {
+        Utf8PathBuf::from_path_buf(self.control_dir.path().join("cm")).unwrap_or_else(|p| Utf8PathBuf::from(p.to_string_lossy().into_owned()))
+    }
+
+    /// ssh options including the multiplexing ones (for `ssh` and `rsync -e`).
+    pub fn options(&self) -> Vec<String> {
+        let mut a = base_args(&self.cfg);
+        a.extend([
+            "-o".into(),
+            "ControlMaster=auto".into(),
+            "-o".into(),
+            format!("ControlPath={}", self.control_path()),
+            "-o".into(),
+            "ControlPersist=120".into(),
+            "-o".into(),
+            "ServerAliveInterval=15".into(),
+        ]);
+        a
+    }
+
+    /// The argv that runs `remote` (an argv, quoted here) on the host.
+    pub fn argv(&self, remote: &[String]) -> Result<Vec<String>> {
+        let line = quote::join(remote)?;
+        let mut a = vec!["ssh".to_string()];
+        a.extend(self.options());
+        a.push(self.cfg.host.clone());
+        a.push("--".into());
+        a.push(line);
+        Ok(a)
+    }
+
+    pub fn command(&self, remote: &[String]) -> Result<Command> {
+        let argv = self.argv(remote)?;
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
+        Ok(c)
+    }
+
+    /// Runs a remote command, capturing its output; an ssh failure becomes an error that
+    /// names the host and the fix.
+    pub fn output(&self, remote: &[String], stdin: Option<&[u8]>) -> Result<Output> {
+        let mut c = self.command(remote)?;
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = c.spawn().context("cannot start `ssh`; is the OpenSSH client installed?")?;
+        if let (Some(bytes), Some(mut w)) = (stdin, child.stdin.take()) {
+            let bytes = bytes.to_vec();
+            std::thread::spawn(move || {
+                let _ = w.write_all(&bytes);
+            });
+        }
+        let out = child.wait_with_output()?;
+        if out.status.code() == Some(255) {
+            return Err(ssh_error(&self.cfg, &String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(out)
+    }
+
+    /// Runs a remote command that must succeed; returns its stdout.
+    pub fn run(&self, remote: &[String]) -> Result<String> {
+        let out = self.output(remote, None)?;
+        if !out.status.success() {
+            bail!(
+                "on {}: `{}` failed with exit code {}: {}",
+                self.cfg.host,
+                quote::display(remote),
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `bytes` to a remote file (through `cat`), creating it with mode `mode`.
+    pub fn write_file(&self, path: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        let script = "umask 077; cat > \"$1.tmp.$$\" && chmod \"$2\" \"$1.tmp.$$\" && mv -f \"$1.tmp.$$\" \"$1\"";
+        let remote = ["sh", "-c", script, "sh", path, &format!("{mode:o}")].map(String::from);
+        let out = self.output(&remote, Some(bytes))?;
+        if !out.status.success() {
+            bail!("on {}: cannot write {path}: {}", self.cfg.host, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Stops the ControlMaster, if one was started.
+    pub fn close(&self) {
+        if self.control_path().exists() {
+            let _ = Command::new("ssh")
+                .args(base_args(&self.cfg))
+                .args(["-o", &format!("ControlPath={}", self.control_path()), "-O", "exit", &self.cfg.host])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Turns ssh's own failure (exit 255) into an error that names the host and the fix.
+pub fn ssh_error(cfg: &Ssh, stderr: &str) -> anyhow::Error {
+    let host = &cfg.host;
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let (what, fix) = if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+        ("the host key of {host} has CHANGED since it was recorded", format!("if the change is expected (reinstalled host), remove the old key with `ssh-keygen -R {host}` and verify the new fingerprint with your admins"))
+    } else if stderr.contains("Host key verification failed") || stderr.contains("No ED25519 host key is known") || stderr.contains("host key is known") {
+        ("the host key of {host} is unknown", format!("verify the fingerprint, then add it: `ssh-keyscan -p {} {host} >> ~/.ssh/known_hosts` (host keys are always checked)", cfg.port.unwrap_or(22)))
+    } else if stderr.contains("Permission denied") {
+        ("authentication to {host} failed", "check `user` and `identity` under [reach], or load the key into your ssh agent (`ssh-add`)".to_string())
+    } else if stderr.contains("Could not resolve hostname") {
+        ("the host name {host} does not resolve", "check `host` under [reach] (or its Host entry in ~/.ssh/config)".to_string())
+    } else if stderr.contains("timed out") || stderr.contains("No route to host") || stderr.contains("Connection refused") || stderr.contains("Network is unreachable") {
+        ("{host} is unreachable", format!("check the network or VPN, `host`/`port` under [reach], and `proxy_jump`; the connect timeout is {}s", cfg.connect_timeout))
+    } else {
+        ("ssh to {host} failed", "run the same `ssh` by hand with `-v` to see why".to_string())
+    };
+    anyhow::anyhow!("{}: {last}\n  fix: {fix}", what.replace("{host}", host))
+}
+
+/// The `-e` argument of rsync: ssh with this session's options, quoted for rsync's parser.
+pub fn rsync_rsh(session: &Session) -> String {
+    let mut a = vec!["ssh".to_string()];
+    a.extend(session.options());
+    quote::display(&a)
+}
+
+/// Whether a local path is on this machine (for messages).
+pub fn is_local(p: &Utf8Path) -> bool {
+    p.exists()
 }
