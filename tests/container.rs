@@ -119,7 +119,7 @@ fn temp_target(toml: &str) -> (tempfile::TempDir, String) {
 
 #[test]
 fn no_container_runtime_is_a_clear_error() {
-    let out = xtask().env("PATH", "/nonexistent").args(["--target", TARGET, "build"]).output().unwrap();
+    let out = xtask().env("PATH", "/nonexistent").args(["--target", TARGET, "build", "--force"]).output().unwrap();
     let e = text(&out.stderr);
     assert!(!out.status.success());
     assert!(e.contains("no container runtime") && e.contains("`apptainer` is not on PATH") && e.contains("fix:"), "{e}");

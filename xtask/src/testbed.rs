@@ -20,8 +20,13 @@ pub fn runtime_dir() -> Utf8PathBuf {
     std::env::var("TB_RT").map(Utf8PathBuf::from).unwrap_or_else(|_| Utf8PathBuf::from("/tmp/daphne-testbed"))
 }
 
+/// The name of the generated target: `testbed`, or `TB_TARGET` (the test suite uses its own).
+pub fn target_name() -> String {
+    std::env::var("TB_TARGET").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "testbed".into())
+}
+
 pub fn target_file(root: &Utf8Path) -> Utf8PathBuf {
-    crate::paths::state_dir(root).join("targets/testbed.toml")
+    crate::paths::state_dir(root).join("targets").join(format!("{}.toml", target_name()))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -68,7 +73,8 @@ pub fn up(root: &Utf8Path, nodes: u32) -> Result<()> {
     let file = target_file(root);
     std::fs::create_dir_all(file.parent().expect("has parent"))?;
     crate::runstate::write_atomic(&file, target_toml(&env, nodes).as_bytes())?;
-    eprintln!("testbed: target `testbed` written to {}; try `cargo xtask deploy --target testbed`", crate::paths::display(root, &file));
+    let t = target_name();
+    eprintln!("testbed: target `{t}` written to {}; try `cargo xtask deploy --target {t}`", crate::paths::display(root, &file));
     Ok(())
 }
 

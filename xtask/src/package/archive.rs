@@ -21,13 +21,27 @@ const PROGRESS_STEP: u64 = 4 << 20;
 
 /// One archive entry, in final archive order.
 pub(crate) enum Item<'a> {
-    Dir { path: &'a str },
+    Dir {
+        path: &'a str,
+    },
     /// In-memory file such as manifest.json (mode 0644).
-    Bytes { path: &'a str, data: &'a [u8] },
+    Bytes {
+        path: &'a str,
+        data: &'a [u8],
+    },
     /// File copied from disk; `size` and `sha256` come from the hashing pass and are
     /// re-checked while copying, so a file changed mid-pack cannot slip through.
-    File { path: &'a str, source: &'a Utf8Path, size: u64, mode: u32, sha256: &'a str },
-    Symlink { path: &'a str, target: &'a str },
+    File {
+        path: &'a str,
+        source: &'a Utf8Path,
+        size: u64,
+        mode: u32,
+        sha256: &'a str,
+    },
+    Symlink {
+        path: &'a str,
+        target: &'a str,
+    },
 }
 
 impl Item<'_> {
@@ -59,7 +73,12 @@ pub(crate) struct Progress<'a> {
 impl<'a> Progress<'a> {
     pub fn new(callback: &'a mut dyn FnMut(u64, u64), total: u64) -> Self {
         callback(0, total);
-        Progress { callback, done: 0, total, reported: 0 }
+        Progress {
+            callback,
+            done: 0,
+            total,
+            reported: 0,
+        }
     }
 
     pub fn advance(&mut self, bytes: u64) {
@@ -91,10 +110,17 @@ pub(crate) fn write_archive(
     for item in items {
         append_item(&mut builder, item, mtime, progress)?;
     }
-    let encoder = builder.into_inner().context("cannot finish the tar stream")?;
-    let sink = encoder.finish().context("cannot finish the compressed stream")?;
+    let encoder = builder
+        .into_inner()
+        .context("cannot finish the tar stream")?;
+    let sink = encoder
+        .finish()
+        .context("cannot finish the compressed stream")?;
     let (sha256, bytes, buffered) = sink.finish();
-    buffered.into_inner().map_err(|e| e.into_error()).context("cannot flush the archive")?;
+    buffered
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("cannot flush the archive")?;
     Ok(ArchiveStats { sha256, bytes })
 }
 
@@ -107,7 +133,9 @@ fn append_item<W: Write>(
     match *item {
         Item::Dir { path } => {
             let mut h = header(EntryType::Directory, DIR_MODE, 0, mtime);
-            builder.append_data(&mut h, path, io::empty()).map_err(write_error)
+            builder
+                .append_data(&mut h, path, io::empty())
+                .map_err(write_error)
         }
         Item::Bytes { path, data } => {
             let mut h = header(EntryType::Regular, 0o644, data.len() as u64, mtime);
@@ -115,9 +143,17 @@ fn append_item<W: Write>(
         }
         Item::Symlink { path, target } => {
             let mut h = header(EntryType::Symlink, SYMLINK_MODE, 0, mtime);
-            builder.append_link(&mut h, path, target).map_err(write_error)
+            builder
+                .append_link(&mut h, path, target)
+                .map_err(write_error)
         }
-        Item::File { path, source, size, mode, sha256 } => {
+        Item::File {
+            path,
+            source,
+            size,
+            mode,
+            sha256,
+        } => {
             let mut h = header(EntryType::Regular, mode, size, mtime);
             let mut reader = SourceReader::open(source, size, sha256, progress)?;
             match builder.append_data(&mut h, path, &mut reader) {
@@ -157,7 +193,12 @@ struct SourceReader<'p, 'a> {
 }
 
 impl<'p, 'a> SourceReader<'p, 'a> {
-    fn open(source: &Utf8Path, size: u64, sha256: &str, progress: &'p mut Progress<'a>) -> Result<Self> {
+    fn open(
+        source: &Utf8Path,
+        size: u64,
+        sha256: &str,
+        progress: &'p mut Progress<'a>,
+    ) -> Result<Self> {
         let file = File::open(source).with_context(|| format!("cannot open {source}"))?;
         Ok(SourceReader {
             file,
@@ -197,7 +238,9 @@ impl Read for SourceReader<'_, '_> {
             Ok(n) => n,
             Err(e) => {
                 let source = self.source.clone();
-                return Err(self.fail(anyhow::Error::new(e).context(format!("cannot read {source}"))));
+                return Err(
+                    self.fail(anyhow::Error::new(e).context(format!("cannot read {source}")))
+                );
             }
         };
         self.read += n as u64;
@@ -283,7 +326,11 @@ struct HashWriter<W> {
 
 impl<W> HashWriter<W> {
     fn new(inner: W) -> Self {
-        HashWriter { inner, hasher: Sha256::new(), bytes: 0 }
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
     }
 
     fn finish(self) -> (String, u64, W) {
@@ -331,8 +378,12 @@ fn write_atomic_inner<T>(
         .with_context(|| format!("cannot create a temporary file in {dir}"))?;
     let value = write(tmp.as_file_mut())?;
     set_mode(tmp.as_file(), 0o644)?;
-    tmp.as_file().sync_all().context("cannot flush the file to disk")?;
-    tmp.persist(dest).map_err(|e| e.error).with_context(|| format!("cannot rename the temporary file to {dest}"))?;
+    tmp.as_file()
+        .sync_all()
+        .context("cannot flush the file to disk")?;
+    tmp.persist(dest)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot rename the temporary file to {dest}"))?;
     sync_dir(dir)?;
     Ok(value)
 }
@@ -340,7 +391,8 @@ fn write_atomic_inner<T>(
 /// Packages are read by other users on shared clusters: 0644 instead of tempfile's 0600.
 fn set_mode(file: &File, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(mode)).context("cannot set file permissions")
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .context("cannot set file permissions")
 }
 
 /// Makes a rename durable across a crash.
@@ -379,8 +431,14 @@ pub(crate) fn is_disk_full(err: &anyhow::Error) -> bool {
 /// Checks an io::Error and the errors it wraps (io::Error::source skips its payload).
 fn io_disk_full(io: &io::Error) -> bool {
     matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-        || matches!(io.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
-        || io.get_ref().and_then(|inner| inner.downcast_ref::<io::Error>()).is_some_and(io_disk_full)
+        || matches!(
+            io.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+        || io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<io::Error>())
+            .is_some_and(io_disk_full)
 }
 
 #[cfg(test)]

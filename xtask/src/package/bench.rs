@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8Path;
 
 use super::{pack, Compression, Entry, PackSpec};
 
@@ -53,17 +53,34 @@ impl fmt::Display for BenchReport {
             self.files,
             self.runs
         )?;
-        writeln!(f, "{:<18} {:>9} {:>12} {:>7}", "tool", "time", "size", "ratio")?;
+        writeln!(
+            f,
+            "{:<18} {:>9} {:>12} {:>7}",
+            "tool", "time", "size", "ratio"
+        )?;
         for (name, secs, bytes) in [
             (label.as_str(), self.pack_secs, self.pack_bytes),
             ("tar czf", self.tar_secs, self.tar_bytes),
         ] {
             let ratio = self.input_bytes as f64 / bytes.max(1) as f64;
-            writeln!(f, "{name:<18} {secs:>8.2}s {:>8.1} MiB {ratio:>6.2}x", mib(bytes))?;
+            writeln!(
+                f,
+                "{name:<18} {secs:>8.2}s {:>8.1} MiB {ratio:>6.2}x",
+                mib(bytes)
+            )?;
         }
         let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
-        writeln!(f, "speedup vs tar czf: {:.2}x (target >= 3x: {})", self.speedup, verdict(self.speedup >= 3.0))?;
-        write!(f, "size vs gzip: {} (target: not larger)", verdict(self.pack_not_larger))
+        writeln!(
+            f,
+            "speedup vs tar czf: {:.2}x (target >= 3x: {})",
+            self.speedup,
+            verdict(self.speedup >= 3.0)
+        )?;
+        write!(
+            f,
+            "size vs gzip: {} (target: not larger)",
+            verdict(self.pack_not_larger)
+        )
     }
 }
 
@@ -74,11 +91,20 @@ pub fn bench_package(work_dir: &Utf8Path, size_mb: u64) -> Result<BenchReport> {
 }
 
 /// [`bench_package`] with an explicit compression, to compare levels.
-pub fn bench_package_with(work_dir: &Utf8Path, size_mb: u64, compression: Compression) -> Result<BenchReport> {
+pub fn bench_package_with(
+    work_dir: &Utf8Path,
+    size_mb: u64,
+    compression: Compression,
+) -> Result<BenchReport> {
     let tree = work_dir.join("tree");
     ensure_tree(work_dir, &tree, size_mb)?;
     let entries = collect_entries(&tree)?;
-    let input_bytes = entries.iter().filter_map(|e| fs::symlink_metadata(&e.source).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum();
+    let input_bytes = entries
+        .iter()
+        .filter_map(|e| fs::symlink_metadata(&e.source).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
     let out_dir = work_dir.join("out");
     let spec = bench_spec(entries, &out_dir, compression);
     let tar_out = work_dir.join("tar-czf.tar.gz");
@@ -99,7 +125,9 @@ pub fn bench_package_with(work_dir: &Utf8Path, size_mb: u64, compression: Compre
         let start = Instant::now();
         run_tar_czf(&tree, &tar_out)?;
         tar_times.push(start.elapsed().as_secs_f64());
-        tar_bytes = fs::metadata(&tar_out).with_context(|| format!("tar did not create {tar_out}"))?.len();
+        tar_bytes = fs::metadata(&tar_out)
+            .with_context(|| format!("tar did not create {tar_out}"))?
+            .len();
     }
     let (pack_secs, tar_secs) = (median(&mut pack_times), median(&mut tar_times));
     Ok(BenchReport {
@@ -148,7 +176,9 @@ fn median(values: &mut [f64]) -> f64 {
 
 fn remove_dir_if_exists(dir: &Utf8Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {dir}")),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {dir}"))
+        }
         _ => Ok(()),
     }
 }
@@ -158,13 +188,19 @@ fn collect_entries(root: &Utf8Path) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        for item in dir.read_dir_utf8().with_context(|| format!("cannot list {dir}"))? {
+        for item in dir
+            .read_dir_utf8()
+            .with_context(|| format!("cannot list {dir}"))?
+        {
             let item = item.with_context(|| format!("cannot list {dir}"))?;
             let path = item.path().to_owned();
             if item.file_type()?.is_dir() {
                 stack.push(path);
             } else {
-                let rel = path.strip_prefix(root).context("walked outside the tree")?.to_string();
+                let rel = path
+                    .strip_prefix(root)
+                    .context("walked outside the tree")?
+                    .to_string();
                 entries.push(Entry::new(rel, path));
             }
         }
@@ -204,23 +240,91 @@ enum Kind {
 
 /// Roughly the shape of a DAPHNE build: one big executable, LLVM/MLIR and BLAS libraries.
 const LAYOUT: &[Planned] = &[
-    Planned { path: "bin/daphne", kind: Kind::Elf { executable: true }, share: 180 },
-    Planned { path: "bin/DaphneDSLParser", kind: Kind::Elf { executable: true }, share: 20 },
-    Planned { path: "bin/git_source_status_info", kind: Kind::Text, share: 0 },
-    Planned { path: "lib/libLLVM.so.18", kind: Kind::Elf { executable: false }, share: 260 },
-    Planned { path: "lib/libMLIR.so.18", kind: Kind::Elf { executable: false }, share: 200 },
-    Planned { path: "lib/libopenblas.so.0", kind: Kind::Elf { executable: false }, share: 90 },
-    Planned { path: "lib/libAllKernels.so", kind: Kind::Elf { executable: false }, share: 120 },
-    Planned { path: "lib/libarrow.so.1500", kind: Kind::Elf { executable: false }, share: 50 },
-    Planned { path: "lib/libstdc++.so.6", kind: Kind::Elf { executable: false }, share: 10 },
-    Planned { path: "lib/libspdlog.so.1", kind: Kind::Elf { executable: false }, share: 5 },
-    Planned { path: "lib/libhwloc.so.15", kind: Kind::Elf { executable: false }, share: 5 },
-    Planned { path: "lib/libz.so.1", kind: Kind::Elf { executable: false }, share: 2 },
-    Planned { path: "data/matrix_a.csv", kind: Kind::Csv, share: 25 },
-    Planned { path: "data/labels.csv", kind: Kind::Csv, share: 8 },
-    Planned { path: "scripts/linreg.daph", kind: Kind::Script, share: 0 },
-    Planned { path: "scripts/kmeans.daph", kind: Kind::Script, share: 0 },
-    Planned { path: "scripts/components.daph", kind: Kind::Script, share: 0 },
+    Planned {
+        path: "bin/daphne",
+        kind: Kind::Elf { executable: true },
+        share: 180,
+    },
+    Planned {
+        path: "bin/DaphneDSLParser",
+        kind: Kind::Elf { executable: true },
+        share: 20,
+    },
+    Planned {
+        path: "bin/git_source_status_info",
+        kind: Kind::Text,
+        share: 0,
+    },
+    Planned {
+        path: "lib/libLLVM.so.18",
+        kind: Kind::Elf { executable: false },
+        share: 260,
+    },
+    Planned {
+        path: "lib/libMLIR.so.18",
+        kind: Kind::Elf { executable: false },
+        share: 200,
+    },
+    Planned {
+        path: "lib/libopenblas.so.0",
+        kind: Kind::Elf { executable: false },
+        share: 90,
+    },
+    Planned {
+        path: "lib/libAllKernels.so",
+        kind: Kind::Elf { executable: false },
+        share: 120,
+    },
+    Planned {
+        path: "lib/libarrow.so.1500",
+        kind: Kind::Elf { executable: false },
+        share: 50,
+    },
+    Planned {
+        path: "lib/libstdc++.so.6",
+        kind: Kind::Elf { executable: false },
+        share: 10,
+    },
+    Planned {
+        path: "lib/libspdlog.so.1",
+        kind: Kind::Elf { executable: false },
+        share: 5,
+    },
+    Planned {
+        path: "lib/libhwloc.so.15",
+        kind: Kind::Elf { executable: false },
+        share: 5,
+    },
+    Planned {
+        path: "lib/libz.so.1",
+        kind: Kind::Elf { executable: false },
+        share: 2,
+    },
+    Planned {
+        path: "data/matrix_a.csv",
+        kind: Kind::Csv,
+        share: 25,
+    },
+    Planned {
+        path: "data/labels.csv",
+        kind: Kind::Csv,
+        share: 8,
+    },
+    Planned {
+        path: "scripts/linreg.daph",
+        kind: Kind::Script,
+        share: 0,
+    },
+    Planned {
+        path: "scripts/kmeans.daph",
+        kind: Kind::Script,
+        share: 0,
+    },
+    Planned {
+        path: "scripts/components.daph",
+        kind: Kind::Script,
+        share: 0,
+    },
 ];
 
 fn generate_tree(tree: &Utf8Path, size_mb: u64) -> Result<()> {
@@ -248,12 +352,17 @@ fn write_generated(path: &Utf8Path, kind: Kind, size: u64, rng: &mut XorShift) -
         Kind::Elf { .. } => elf_like(size, rng),
         Kind::Csv => csv_like(size, rng),
         Kind::Script => script_like(rng),
-        Kind::Text => b"commit 0123456789abcdef0123456789abcdef01234567\nbranch main\nclean\n".to_vec(),
+        Kind::Text => {
+            b"commit 0123456789abcdef0123456789abcdef01234567\nbranch main\nclean\n".to_vec()
+        }
     };
-    out.write_all(&data).and_then(|()| out.flush()).with_context(|| format!("cannot write {path}"))?;
+    out.write_all(&data)
+        .and_then(|()| out.flush())
+        .with_context(|| format!("cannot write {path}"))?;
     if let Kind::Elf { executable: true } = kind {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {path}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot chmod {path}"))?;
     }
     Ok(())
 }
@@ -284,10 +393,44 @@ impl XorShift {
 }
 
 const WORDS: &[&str] = &[
-    "daphne", "matrix", "dense", "csr", "kernel", "ewBinary", "aggRow", "aggCol", "transpose", "matMul",
-    "mlir", "llvm", "Operation", "Value", "Builder", "Region", "Block", "Type", "Attribute", "Pass",
-    "vector", "string", "allocator", "basic_string", "unique_ptr", "shared_ptr", "DataObject", "Frame",
-    "Structure", "context", "execute", "lower", "rewrite", "pattern", "apply", "create", "get", "set",
+    "daphne",
+    "matrix",
+    "dense",
+    "csr",
+    "kernel",
+    "ewBinary",
+    "aggRow",
+    "aggCol",
+    "transpose",
+    "matMul",
+    "mlir",
+    "llvm",
+    "Operation",
+    "Value",
+    "Builder",
+    "Region",
+    "Block",
+    "Type",
+    "Attribute",
+    "Pass",
+    "vector",
+    "string",
+    "allocator",
+    "basic_string",
+    "unique_ptr",
+    "shared_ptr",
+    "DataObject",
+    "Frame",
+    "Structure",
+    "context",
+    "execute",
+    "lower",
+    "rewrite",
+    "pattern",
+    "apply",
+    "create",
+    "get",
+    "set",
 ];
 
 /// ELF-like content in the proportions of libLLVM's sections: code (~45%), read-only data
@@ -324,8 +467,9 @@ impl Idioms {
     const SNIPPETS: u64 = 300;
 
     fn new(rng: &mut XorShift) -> Self {
-        let opcodes: Vec<Vec<u8>> =
-            (0..Self::OPCODES).map(|_| (0..1 + rng.below(6)).map(|_| rng.next() as u8).collect()).collect();
+        let opcodes: Vec<Vec<u8>> = (0..Self::OPCODES)
+            .map(|_| (0..1 + rng.below(6)).map(|_| rng.next() as u8).collect())
+            .collect();
         let snippets = (0..Self::SNIPPETS)
             .map(|_| {
                 let mut s = Vec::new();
@@ -366,7 +510,9 @@ fn rodata(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
         match rng.below(3) {
             0 => {
                 for _ in 0..3 + rng.below(8) {
-                    out.extend_from_slice(WORDS[rng.skewed(WORDS.len() as u64) as usize].as_bytes());
+                    out.extend_from_slice(
+                        WORDS[rng.skewed(WORDS.len() as u64) as usize].as_bytes(),
+                    );
                     out.push(b' ');
                 }
                 out.extend_from_slice(b"failed: %s\n\0");
@@ -395,7 +541,9 @@ fn symbols(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
             out.extend_from_slice(word.len().to_string().as_bytes());
             out.extend_from_slice(word.as_bytes());
         }
-        out.extend_from_slice([&b"Ev\0"[..], b"ERKS_\0", b"EPKc\0", b"Ei\0"][rng.below(4) as usize]);
+        out.extend_from_slice(
+            [&b"Ev\0"[..], b"ERKS_\0", b"EPKc\0", b"Ei\0"][rng.below(4) as usize],
+        );
     }
     let mut name = 0u32;
     let mut value = 0x40_0000u64;
@@ -417,7 +565,11 @@ fn relocations(out: &mut Vec<u8>, end: usize, rng: &mut XorShift) {
         let relative = rng.below(10) != 0;
         offset += if relative { 8 } else { 8 * (1 + rng.below(16)) };
         addend += rng.skewed(256);
-        let info = if relative { 8 } else { 6 + (rng.skewed(5000) << 32) };
+        let info = if relative {
+            8
+        } else {
+            6 + (rng.skewed(5000) << 32)
+        };
         out.extend_from_slice(&offset.to_le_bytes());
         out.extend_from_slice(&info.to_le_bytes());
         out.extend_from_slice(&addend.to_le_bytes());
@@ -449,19 +601,23 @@ fn script_like(rng: &mut XorShift) -> Vec<u8> {
     let mut out = String::from("// generated DaphneDSL script\n");
     for i in 0..20 + rng.below(60) {
         let word = WORDS[rng.below(WORDS.len() as u64) as usize];
-        out.push_str(&format!("X{i} = rand({}, {}, 0.0, 1.0, 1, {i});\nprint(sum(X{i})); // {word}\n", 10 + i, 20 + i));
+        out.push_str(&format!(
+            "X{i} = rand({}, {}, 0.0, 1.0, 1, {i});\nprint(sum(X{i})); // {word}\n",
+            10 + i,
+            20 + i
+        ));
     }
     out.into_bytes()
-}
-
-/// Path of the generated tree (for callers that want to inspect it).
-pub fn tree_dir(work_dir: &Utf8Path) -> Utf8PathBuf {
-    work_dir.join("tree")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use camino::Utf8PathBuf;
+
+    fn tree_dir(work_dir: &Utf8Path) -> Utf8PathBuf {
+        work_dir.join("tree")
+    }
 
     fn utf8_tempdir() -> (tempfile::TempDir, Utf8PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
@@ -473,7 +629,10 @@ mod tests {
     fn bench_runs_on_a_tiny_tree() {
         let (_tmp, dir) = utf8_tempdir();
         let report = bench_package(&dir, 2).unwrap();
-        assert!(report.input_bytes > MIB && report.input_bytes <= 3 * MIB, "{report:?}");
+        assert!(
+            report.input_bytes > MIB && report.input_bytes <= 3 * MIB,
+            "{report:?}"
+        );
         assert!(report.pack_bytes > 0 && report.tar_bytes > 0);
         assert!(report.pack_secs > 0.0 && report.tar_secs > 0.0);
         assert!(report.to_string().contains("tar czf"));
@@ -485,14 +644,21 @@ mod tests {
     #[test]
     #[ignore = "takes about a minute"]
     fn bench_full_size() {
-        let size = std::env::var("PACKAGE_BENCH_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-        let dir = Utf8PathBuf::from_path_buf(std::env::temp_dir().join("xtask-package-bench")).unwrap();
+        let size = std::env::var("PACKAGE_BENCH_MB")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let dir =
+            Utf8PathBuf::from_path_buf(std::env::temp_dir().join("xtask-package-bench")).unwrap();
         let levels = std::env::var("PACKAGE_BENCH_LEVELS").unwrap_or_default();
         if levels.is_empty() {
             println!("{}", bench_package(&dir, size).unwrap());
         }
         for level in levels.split(',').filter_map(|l| l.trim().parse().ok()) {
-            println!("{}\n", bench_package_with(&dir, size, Compression::Zstd { level }).unwrap());
+            println!(
+                "{}\n",
+                bench_package_with(&dir, size, Compression::Zstd { level }).unwrap()
+            );
         }
     }
 

@@ -95,7 +95,8 @@ pub fn mode_string(mode: u32) -> String {
 impl Manifest {
     /// Pretty JSON with a trailing newline; the exact bytes define the content hash.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut bytes = serde_json::to_vec_pretty(self).context("cannot serialise manifest.json")?;
+        let mut bytes =
+            serde_json::to_vec_pretty(self).context("cannot serialise manifest.json")?;
         bytes.push(b'\n');
         Ok(bytes)
     }
@@ -135,7 +136,10 @@ impl Manifest {
             .collect();
         lines.push((MANIFEST_NAME, manifest_sha256));
         lines.sort_unstable();
-        lines.iter().map(|(path, sha)| format!("{sha}  {path}\n")).collect()
+        lines
+            .iter()
+            .map(|(path, sha)| format!("{sha}  {path}\n"))
+            .collect()
     }
 }
 

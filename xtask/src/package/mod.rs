@@ -23,8 +23,8 @@ use camino::{Utf8Path, Utf8PathBuf};
 use sha2::{Digest, Sha256};
 
 use archive::{Item, Progress};
-pub use manifest::{FileRecord, ImageRef, Manifest};
 use manifest::{hex, sha256_hex, MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME};
+pub use manifest::{FileRecord, ImageRef, Manifest};
 #[allow(unused_imports)] // part of the public API, called by the deploy commands
 pub use verify::{extract, verify};
 
@@ -48,16 +48,13 @@ pub enum Compression {
 
 impl Default for Compression {
     fn default() -> Self {
-        Compression::Zstd { level: DEFAULT_ZSTD_LEVEL }
+        Compression::Zstd {
+            level: DEFAULT_ZSTD_LEVEL,
+        }
     }
 }
 
 impl Compression {
-    /// gzip at the default level.
-    pub fn gzip() -> Self {
-        Compression::Gzip { level: DEFAULT_GZIP_LEVEL }
-    }
-
     /// File extension of packages using this compression.
     pub fn extension(&self) -> &'static str {
         match self {
@@ -102,7 +99,11 @@ pub struct Entry {
 impl Entry {
     /// Entry without a hint for missing sources.
     pub fn new(archive_path: impl Into<String>, source: impl Into<Utf8PathBuf>) -> Self {
-        Entry { archive_path: archive_path.into(), source: source.into(), hint: None }
+        Entry {
+            archive_path: archive_path.into(),
+            source: source.into(),
+            hint: None,
+        }
     }
 
     /// Adds the advice shown when the source file does not exist.
@@ -171,7 +172,14 @@ pub fn pack(spec: &PackSpec, progress: &mut dyn FnMut(u64, u64)) -> Result<Packe
 
     if let Some((archive_sha256, bytes)) = reuse_existing(&path, &content_hash)? {
         progress.finish();
-        return Ok(Packed { path, content_hash, archive_sha256, bytes, files, skipped: true });
+        return Ok(Packed {
+            path,
+            content_hash,
+            archive_sha256,
+            bytes,
+            files,
+            skipped: true,
+        });
     }
 
     let sums = manifest.sha256sums(&content_hash);
@@ -186,7 +194,14 @@ pub fn pack(spec: &PackSpec, progress: &mut dyn FnMut(u64, u64)) -> Result<Packe
         return Err(e);
     }
     progress.finish();
-    Ok(Packed { path, content_hash, archive_sha256: stats.sha256, bytes: stats.bytes, files, skipped: false })
+    Ok(Packed {
+        path,
+        content_hash,
+        archive_sha256: stats.sha256,
+        bytes: stats.bytes,
+        files,
+        skipped: false,
+    })
 }
 
 /// `daphne-payload-<first 16 hex of the content hash>.<ext>`.
@@ -198,7 +213,8 @@ pub fn package_name(content_hash: &str, compression: Compression) -> String {
 /// Streaming sha256 of a file, as lower-case hex.
 pub fn sha256_file(path: &Utf8Path) -> Result<String> {
     let file = File::open(path).with_context(|| format!("cannot open {path}"))?;
-    let (digest, _) = hash_reader(file, &mut |_| {}).with_context(|| format!("cannot read {path}"))?;
+    let (digest, _) =
+        hash_reader(file, &mut |_| {}).with_context(|| format!("cannot read {path}"))?;
     Ok(digest)
 }
 
@@ -250,7 +266,10 @@ fn plan_entries(entries: &[Entry]) -> Result<Vec<Planned>> {
     let mut sorted: Vec<&Entry> = entries.iter().collect();
     sorted.sort_by(|a, b| a.archive_path.cmp(&b.archive_path));
     check_duplicates_and_conflicts(&sorted)?;
-    let planned = sorted.into_iter().map(classify).collect::<Result<Vec<_>>>()?;
+    let planned = sorted
+        .into_iter()
+        .map(classify)
+        .collect::<Result<Vec<_>>>()?;
     check_symlinks(&planned)?;
     Ok(planned)
 }
@@ -286,8 +305,10 @@ fn check_duplicates_and_conflicts(sorted: &[&Entry]) -> Result<()> {
             );
         }
     }
-    let by_path: BTreeMap<&str, &Entry> =
-        sorted.iter().map(|e| (e.archive_path.as_str(), *e)).collect();
+    let by_path: BTreeMap<&str, &Entry> = sorted
+        .iter()
+        .map(|e| (e.archive_path.as_str(), *e))
+        .collect();
     for entry in sorted {
         for dir in paths::ancestors(&entry.archive_path) {
             if let Some(file) = by_path.get(dir) {
@@ -311,18 +332,31 @@ fn classify(entry: &Entry) -> Result<Planned> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
             "input file {source} (for {}) does not exist; {}",
             entry.archive_path,
-            entry.hint.as_deref().unwrap_or("check the path in the deployment configuration")
+            entry
+                .hint
+                .as_deref()
+                .unwrap_or("check the path in the deployment configuration")
         ),
         Err(e) => {
-            return Err(e).with_context(|| format!("cannot read input file {source} (for {})", entry.archive_path))
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot read input file {source} (for {})",
+                    entry.archive_path
+                )
+            })
         }
     };
     let file_type = meta.file_type();
     let kind = if file_type.is_file() {
         use std::os::unix::fs::PermissionsExt;
-        PlannedKind::File { size: meta.len(), executable: meta.permissions().mode() & 0o111 != 0 }
+        PlannedKind::File {
+            size: meta.len(),
+            executable: meta.permissions().mode() & 0o111 != 0,
+        }
     } else if file_type.is_symlink() {
-        PlannedKind::Symlink { target: read_link_utf8(source)? }
+        PlannedKind::Symlink {
+            target: read_link_utf8(source)?,
+        }
     } else if file_type.is_dir() {
         bail!(
             "input {source} (for {}) is a directory; list the files inside it as separate entries",
@@ -335,15 +369,20 @@ fn classify(entry: &Entry) -> Result<Planned> {
             entry.archive_path
         )
     };
-    Ok(Planned { path: entry.archive_path.clone(), source: source.clone(), kind })
+    Ok(Planned {
+        path: entry.archive_path.clone(),
+        source: source.clone(),
+        kind,
+    })
 }
 
 fn read_link_utf8(source: &Utf8Path) -> Result<String> {
     let target = fs::read_link(source).with_context(|| format!("cannot read symlink {source}"))?;
-    target
-        .into_os_string()
-        .into_string()
-        .map_err(|t| anyhow::anyhow!("symlink {source} has a non-UTF-8 target {t:?}; only UTF-8 targets can be packed"))
+    target.into_os_string().into_string().map_err(|t| {
+        anyhow::anyhow!(
+            "symlink {source} has a non-UTF-8 target {t:?}; only UTF-8 targets can be packed"
+        )
+    })
 }
 
 /// Symlinks must resolve inside the package, relative to their own archive location.
@@ -357,7 +396,11 @@ fn check_symlinks(planned: &[Planned]) -> Result<()> {
         .collect();
     for (path, target) in &links {
         if let Err(reason) = paths::resolve_link(path, target, &links) {
-            let source = planned.iter().find(|p| &p.path == path).map(|p| p.source.as_str()).unwrap_or("");
+            let source = planned
+                .iter()
+                .find(|p| &p.path == path)
+                .map(|p| p.source.as_str())
+                .unwrap_or("");
             bail!(
                 "symlink {source} (archive path {path}) -> {target} cannot be packed: {reason}; \
                  only symlinks that stay inside the package are allowed (pack the target file instead)"
@@ -375,8 +418,14 @@ struct Prepared {
 }
 
 enum Content {
-    File { size: u64, executable: bool, sha256: String },
-    Symlink { target: String },
+    File {
+        size: u64,
+        executable: bool,
+        sha256: String,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// First read of every file: sha256 and exact size, needed before the manifest exists.
@@ -387,27 +436,38 @@ fn hash_sources(planned: Vec<Planned>, progress: &mut Progress<'_>) -> Result<Ve
             let content = match p.kind {
                 PlannedKind::File { executable, .. } => {
                     let (sha256, size) = hash_source(&p.source, progress)?;
-                    Content::File { size, executable, sha256 }
+                    Content::File {
+                        size,
+                        executable,
+                        sha256,
+                    }
                 }
                 PlannedKind::Symlink { target } => Content::Symlink { target },
             };
-            Ok(Prepared { path: p.path, source: p.source, content })
+            Ok(Prepared {
+                path: p.path,
+                source: p.source,
+                content,
+            })
         })
         .collect()
 }
 
 fn hash_source(source: &Utf8Path, progress: &mut Progress<'_>) -> Result<(String, u64)> {
     let file = File::open(source).with_context(|| format!("cannot open input file {source}"))?;
-    hash_reader(file, &mut |n| progress.advance(n)).with_context(|| format!("cannot read input file {source}"))
+    hash_reader(file, &mut |n| progress.advance(n))
+        .with_context(|| format!("cannot read input file {source}"))
 }
 
 fn build_manifest(spec: &PackSpec, prepared: &[Prepared]) -> Manifest {
     let files = prepared
         .iter()
         .map(|p| match &p.content {
-            Content::File { size, executable, sha256 } => {
-                FileRecord::regular(&p.path, *size, *executable, sha256.clone())
-            }
+            Content::File {
+                size,
+                executable,
+                sha256,
+            } => FileRecord::regular(&p.path, *size, *executable, sha256.clone()),
             Content::Symlink { target } => FileRecord::symlink(&p.path, target),
         })
         .collect();
@@ -424,23 +484,43 @@ fn build_manifest(spec: &PackSpec, prepared: &[Prepared]) -> Manifest {
 }
 
 /// manifest.json, SHA256SUMS, then directories and files sorted by path.
-fn archive_items<'a>(manifest: &'a [u8], sums: &'a [u8], prepared: &'a [Prepared]) -> Vec<Item<'a>> {
-    let dirs: BTreeSet<&str> = prepared.iter().flat_map(|p| paths::ancestors(&p.path)).collect();
+fn archive_items<'a>(
+    manifest: &'a [u8],
+    sums: &'a [u8],
+    prepared: &'a [Prepared],
+) -> Vec<Item<'a>> {
+    let dirs: BTreeSet<&str> = prepared
+        .iter()
+        .flat_map(|p| paths::ancestors(&p.path))
+        .collect();
     let mut body: Vec<Item<'a>> = dirs.into_iter().map(|path| Item::Dir { path }).collect();
     body.extend(prepared.iter().map(|p| match &p.content {
-        Content::File { size, executable, sha256 } => Item::File {
+        Content::File {
+            size,
+            executable,
+            sha256,
+        } => Item::File {
             path: &p.path,
             source: &p.source,
             size: *size,
             mode: manifest::file_mode(*executable),
             sha256,
         },
-        Content::Symlink { target } => Item::Symlink { path: &p.path, target },
+        Content::Symlink { target } => Item::Symlink {
+            path: &p.path,
+            target,
+        },
     }));
     body.sort_by(|a, b| a.path().cmp(b.path()));
     let mut items = vec![
-        Item::Bytes { path: MANIFEST_NAME, data: manifest },
-        Item::Bytes { path: SUMS_NAME, data: sums },
+        Item::Bytes {
+            path: MANIFEST_NAME,
+            data: manifest,
+        },
+        Item::Bytes {
+            path: SUMS_NAME,
+            data: sums,
+        },
     ];
     items.extend(body);
     items
@@ -457,7 +537,9 @@ fn reuse_existing(path: &Utf8Path, content_hash: &str) -> Result<Option<(String,
         bail!("{path} exists but is not a regular file; remove it and pack again");
     }
     // A corrupt or different file is simply rebuilt (and atomically replaced).
-    let Ok(verified) = verify::verify(path) else { return Ok(None) };
+    let Ok(verified) = verify::verify(path) else {
+        return Ok(None);
+    };
     if verified.content_hash != content_hash {
         return Ok(None);
     }
@@ -474,6 +556,7 @@ fn write_checksum_file(package: &Utf8Path, sha256: &str) -> Result<()> {
     let line = format!("{sha256}  {name}\n");
     archive::write_atomic(dir, &format!("{name}.sha256"), |file| {
         use std::io::Write;
-        file.write_all(line.as_bytes()).context("cannot write the checksum")
+        file.write_all(line.as_bytes())
+            .context("cannot write the checksum")
     })
 }

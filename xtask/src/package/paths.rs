@@ -78,7 +78,10 @@ pub fn resolve_link(
 }
 
 fn split(path: &str) -> Vec<String> {
-    path.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect()
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Applies `target` to the directory `stack`, following links found on the way.
@@ -124,7 +127,9 @@ mod tests {
     fn archive_paths() {
         assert!(check_archive_path("bin/daphne").is_ok());
         assert!(check_archive_path("a.b/..c").is_ok());
-        for bad in ["", "/etc/x", "../x", "a/../b", "a//b", "a/", "./a", "a\nb", "a\\b", "a\0b"] {
+        for bad in [
+            "", "/etc/x", "../x", "a/../b", "a//b", "a/", "./a", "a\nb", "a\\b", "a\0b",
+        ] {
             assert!(check_archive_path(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -140,10 +145,16 @@ mod tests {
     #[test]
     fn links() {
         let none = BTreeMap::new();
-        assert_eq!(resolve_link("lib/a.so", "a.so.1", &none), Ok("lib/a.so.1".into()));
+        assert_eq!(
+            resolve_link("lib/a.so", "a.so.1", &none),
+            Ok("lib/a.so.1".into())
+        );
         assert_eq!(resolve_link("bin/x", "../lib/y", &none), Ok("lib/y".into()));
         assert_eq!(resolve_link("x", "..", &none), Err(LinkError::Escapes));
-        assert_eq!(resolve_link("a/x", "../../y", &none), Err(LinkError::Escapes));
+        assert_eq!(
+            resolve_link("a/x", "../../y", &none),
+            Err(LinkError::Escapes)
+        );
         assert_eq!(resolve_link("x", "/etc", &none), Err(LinkError::Absolute));
         assert_eq!(resolve_link("x", "", &none), Err(LinkError::Empty));
     }
@@ -154,7 +165,10 @@ mod tests {
         let mut links = BTreeMap::new();
         links.insert("dir/s".to_owned(), "..".to_owned());
         assert_eq!(resolve_link("dir/s", "..", &links), Ok(String::new()));
-        assert_eq!(resolve_link("t", "dir/s/../x", &links), Err(LinkError::Escapes));
+        assert_eq!(
+            resolve_link("t", "dir/s/../x", &links),
+            Err(LinkError::Escapes)
+        );
         let mut looped = BTreeMap::new();
         looped.insert("a".to_owned(), "b".to_owned());
         looped.insert("b".to_owned(), "a".to_owned());

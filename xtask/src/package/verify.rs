@@ -18,7 +18,9 @@ use camino::Utf8Path;
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
-use super::manifest::{file_mode, hex, mode_string, sha256_hex, Manifest, DIR_MODE, MANIFEST_NAME, SUMS_NAME};
+use super::manifest::{
+    file_mode, hex, mode_string, sha256_hex, Manifest, DIR_MODE, MANIFEST_NAME, SUMS_NAME,
+};
 use super::paths;
 use super::Verified;
 
@@ -44,15 +46,18 @@ pub fn extract(path: &Utf8Path, dest: &Utf8Path) -> Result<Verified> {
         Some(p) if !p.as_str().is_empty() => p,
         _ => Utf8Path::new("."),
     };
-    let name = dest.file_name().ok_or_else(|| anyhow!("extraction target {dest} has no directory name"))?;
+    let name = dest
+        .file_name()
+        .ok_or_else(|| anyhow!("extraction target {dest} has no directory name"))?;
     fs::create_dir_all(parent).with_context(|| format!("cannot create {parent}"))?;
     // Same filesystem as dest, so the final rename is atomic; removed on drop if anything fails.
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.extract-"))
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a temporary directory in {parent}"))?;
-    let verified = scan(path, Some(tmp.path()))
-        .with_context(|| format!("cannot extract package {path}: it failed verification, nothing was extracted"))?;
+    let verified = scan(path, Some(tmp.path())).with_context(|| {
+        format!("cannot extract package {path}: it failed verification, nothing was extracted")
+    })?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(DIR_MODE))
         .with_context(|| format!("cannot set permissions on {}", tmp.path().display()))?;
     match rename_noreplace(tmp.path(), dest.as_std_path()) {
@@ -74,7 +79,9 @@ pub fn extract(path: &Utf8Path, dest: &Utf8Path) -> Result<Verified> {
 fn already_extracted(path: &Utf8Path, dest: &Utf8Path) -> Result<Verified> {
     let verified = verify(path)?;
     let existing = dest.join(MANIFEST_NAME);
-    let same = fs::read(&existing).map(|bytes| sha256_hex(&bytes) == verified.content_hash).unwrap_or(false);
+    let same = fs::read(&existing)
+        .map(|bytes| sha256_hex(&bytes) == verified.content_hash)
+        .unwrap_or(false);
     if !same {
         bail!(
             "{dest} already exists and does not hold package {path} (content hash {}); \
@@ -91,7 +98,13 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let c_to = CString::new(to.as_os_str().as_bytes())?;
     // SAFETY: both arguments are valid NUL-terminated paths living across the call.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, c_from.as_ptr(), libc::AT_FDCWD, c_to.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     if rc == 0 {
         return Ok(());
@@ -149,7 +162,11 @@ fn scan(path: &Utf8Path, out: Option<&Path>) -> Result<Verified> {
             );
         }
     }
-    Ok(Verified { manifest, archive_sha256, content_hash })
+    Ok(Verified {
+        manifest,
+        archive_sha256,
+        content_hash,
+    })
 }
 
 /// After the tar end marker only zero padding may follow; anything else could be entries
@@ -157,12 +174,16 @@ fn scan(path: &Utf8Path, out: Option<&Path>) -> Result<Verified> {
 fn ensure_only_zeros(reader: &mut impl Read) -> Result<()> {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = reader.read(&mut buf).context("corrupt compressed stream after the tar end marker")?;
+        let n = reader
+            .read(&mut buf)
+            .context("corrupt compressed stream after the tar end marker")?;
         if n == 0 {
             return Ok(());
         }
         if buf[..n].iter().any(|&b| b != 0) {
-            bail!("data found after the tar end marker; the archive was tampered with or is corrupt");
+            bail!(
+                "data found after the tar end marker; the archive was tampered with or is corrupt"
+            );
         }
     }
 }
@@ -180,8 +201,14 @@ enum Seen {
     Dir,
     /// Parent of some entry without its own directory entry (yet).
     ImpliedDir,
-    File { size: u64, sha256: String, mode: u32 },
-    Symlink { target: String },
+    File {
+        size: u64,
+        sha256: String,
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 struct ScanState<'a> {
@@ -193,7 +220,12 @@ struct ScanState<'a> {
 
 impl<'a> ScanState<'a> {
     fn new(out: Option<&'a Path>) -> Self {
-        ScanState { out, seen: BTreeMap::new(), manifest: None, sums: None }
+        ScanState {
+            out,
+            seen: BTreeMap::new(),
+            manifest: None,
+            sums: None,
+        }
     }
 
     fn add<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
@@ -207,24 +239,37 @@ impl<'a> ScanState<'a> {
     }
 
     /// Type, extensions, duplicates and parents: everything decidable from the header.
-    fn check_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, path: &str, entry_type: EntryType) -> Result<Kind> {
+    fn check_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        path: &str,
+        entry_type: EntryType,
+    ) -> Result<Kind> {
         let kind = match entry_type {
             EntryType::Regular => Kind::File,
             EntryType::Directory => Kind::Dir,
             EntryType::Symlink => Kind::Symlink,
-            EntryType::Link => bail!("archive entry {path} is a hard link; hard links are not allowed"),
+            EntryType::Link => {
+                bail!("archive entry {path} is a hard link; hard links are not allowed")
+            }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 bail!("archive entry {path} is a device or FIFO; only files, directories and symlinks are allowed")
             }
             other => bail!("archive entry {path} has unsupported type {other:?}"),
         };
-        if entry.pax_extensions().context("corrupt PAX header")?.is_some() {
+        if entry
+            .pax_extensions()
+            .context("corrupt PAX header")?
+            .is_some()
+        {
             bail!("archive entry {path} uses PAX extended headers, which packages never contain");
         }
         match self.seen.get(path) {
             None => {}
             Some(Seen::ImpliedDir) if kind == Kind::Dir => {}
-            Some(Seen::ImpliedDir) => bail!("archive path {path} holds other entries but is not a directory"),
+            Some(Seen::ImpliedDir) => {
+                bail!("archive path {path} holds other entries but is not a directory")
+            }
             Some(_) => bail!("archive path {path} appears twice"),
         }
         for dir in paths::ancestors(path) {
@@ -233,7 +278,9 @@ impl<'a> ScanState<'a> {
                     self.seen.insert(dir.to_owned(), Seen::ImpliedDir);
                 }
                 Some(Seen::Dir | Seen::ImpliedDir) => {}
-                Some(Seen::File { .. }) => bail!("archive entry {path} is inside {dir}, which is a file"),
+                Some(Seen::File { .. }) => {
+                    bail!("archive entry {path} is inside {dir}, which is a file")
+                }
                 Some(Seen::Symlink { .. }) => {
                     bail!("archive entry {path} is inside {dir}, which is a symlink; writing through it could escape")
                 }
@@ -251,8 +298,11 @@ impl<'a> ScanState<'a> {
     }
 
     fn add_symlink<R: Read>(&mut self, entry: &tar::Entry<'_, R>, path: &str) -> Result<()> {
-        let raw = entry.link_name_bytes().ok_or_else(|| anyhow!("symlink {path} has no target"))?;
-        let target = String::from_utf8(raw.into_owned()).map_err(|_| anyhow!("symlink {path} has a non-UTF-8 target"))?;
+        let raw = entry
+            .link_name_bytes()
+            .ok_or_else(|| anyhow!("symlink {path} has no target"))?;
+        let target = String::from_utf8(raw.into_owned())
+            .map_err(|_| anyhow!("symlink {path} has a non-UTF-8 target"))?;
         // Cheap early check (absolute / `..` past the root); links through links at the end.
         if let Err(reason) = paths::resolve_link(path, &target, &BTreeMap::new()) {
             bail!("symlink {path} -> {target} is not allowed: {reason}");
@@ -287,23 +337,26 @@ impl<'a> ScanState<'a> {
             SUMS_NAME => self.sums = kept,
             _ => {}
         }
-        self.seen.insert(path.to_owned(), Seen::File { size, sha256, mode });
+        self.seen
+            .insert(path.to_owned(), Seen::File { size, sha256, mode });
         Ok(())
     }
 
     /// Cross-checks the collected entries against manifest.json and SHA256SUMS.
     fn finish(self) -> Result<(Manifest, String)> {
-        let manifest_bytes = self
-            .manifest
-            .ok_or_else(|| anyhow!("manifest.json is missing: this is not a DAPHNE payload package"))?;
+        let manifest_bytes = self.manifest.ok_or_else(|| {
+            anyhow!("manifest.json is missing: this is not a DAPHNE payload package")
+        })?;
         let manifest = Manifest::from_bytes(&manifest_bytes)?;
         let content_hash = sha256_hex(&manifest_bytes);
-        let sums = self.sums.ok_or_else(|| anyhow!("SHA256SUMS is missing from the package"))?;
+        let sums = self
+            .sums
+            .ok_or_else(|| anyhow!("SHA256SUMS is missing from the package"))?;
         if sums != manifest.sha256sums(&content_hash).as_bytes() {
             bail!("SHA256SUMS does not match manifest.json");
         }
-        check_against_manifest(&self.seen, &manifest)?;
         check_links(&self.seen)?;
+        check_against_manifest(&self.seen, &manifest)?;
         Ok((manifest, content_hash))
     }
 }
@@ -326,8 +379,13 @@ fn entry_path<R: Read>(entry: &tar::Entry<'_, R>, kind: EntryType) -> Result<Str
 fn check_against_manifest(seen: &BTreeMap<String, Seen>, manifest: &Manifest) -> Result<()> {
     let mut listed = BTreeMap::new();
     for record in &manifest.files {
-        if paths::check_archive_path(&record.path).is_err() || listed.insert(record.path.as_str(), record).is_some() {
-            bail!("manifest.json lists an invalid or duplicate path {:?}", record.path);
+        if paths::check_archive_path(&record.path).is_err()
+            || listed.insert(record.path.as_str(), record).is_some()
+        {
+            bail!(
+                "manifest.json lists an invalid or duplicate path {:?}",
+                record.path
+            );
         }
         match (seen.get(&record.path), &record.sha256, &record.link_target) {
             (Some(Seen::File { size, sha256, mode }), Some(want_sha), None) => {
@@ -340,20 +398,38 @@ fn check_against_manifest(seen: &BTreeMap<String, Seen>, manifest: &Manifest) ->
                     );
                 }
                 if mode_string(*mode) != record.mode {
-                    bail!("{}: mode {} does not match manifest.json ({})", record.path, mode_string(*mode), record.mode);
+                    bail!(
+                        "{}: mode {} does not match manifest.json ({})",
+                        record.path,
+                        mode_string(*mode),
+                        record.mode
+                    );
                 }
             }
             (Some(Seen::Symlink { target }), None, Some(want)) if target == want => {}
             (Some(Seen::Symlink { target }), _, _) => {
-                bail!("{}: symlink target {target} does not match manifest.json", record.path)
+                bail!(
+                    "{}: symlink target {target} does not match manifest.json",
+                    record.path
+                )
             }
-            (Some(Seen::File { .. }), _, _) => bail!("{}: manifest.json lists it as a symlink, the archive has a file", record.path),
-            _ => bail!("{} is listed in manifest.json but missing from the archive", record.path),
+            (Some(Seen::File { .. }), _, _) => bail!(
+                "{}: manifest.json lists it as a symlink, the archive has a file",
+                record.path
+            ),
+            _ => bail!(
+                "{} is listed in manifest.json but missing from the archive",
+                record.path
+            ),
         }
     }
     for (path, seen) in seen {
         let is_payload = matches!(seen, Seen::File { .. } | Seen::Symlink { .. });
-        if is_payload && path != MANIFEST_NAME && path != SUMS_NAME && !listed.contains_key(path.as_str()) {
+        if is_payload
+            && path != MANIFEST_NAME
+            && path != SUMS_NAME
+            && !listed.contains_key(path.as_str())
+        {
             bail!("{path} is in the archive but not listed in manifest.json");
         }
     }
@@ -400,7 +476,8 @@ fn copy_hashing(
             kept.extend_from_slice(chunk);
         }
         if let Some(file) = file.as_mut() {
-            file.write_all(chunk).context("cannot write the extracted file")?;
+            file.write_all(chunk)
+                .context("cannot write the extracted file")?;
         }
     }
     Ok((hex(&hasher.finalize()), size, keep))
@@ -419,8 +496,10 @@ fn create_file(root: &Path, path: &str) -> Result<File> {
 }
 
 fn finish_file(file: File, mode: u32, mtime: u64) -> Result<()> {
-    file.set_permissions(fs::Permissions::from_mode(mode)).context("cannot set permissions")?;
-    file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)).context("cannot set mtime")?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .context("cannot set permissions")?;
+    file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
+        .context("cannot set mtime")?;
     Ok(())
 }
 
@@ -454,7 +533,10 @@ struct HashReader<R> {
 
 impl<R> HashReader<R> {
     fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Sha256::new() }
+        HashReader {
+            inner,
+            hasher: Sha256::new(),
+        }
     }
 
     fn finish(self) -> String {
@@ -479,12 +561,16 @@ enum Decoder<R: Read> {
 impl<R: Read> Decoder<R> {
     fn detect(raw: R, path: &Utf8Path) -> Result<Self> {
         let mut buffered = BufReader::with_capacity(COPY_BUFFER, raw);
-        let magic = io::BufRead::fill_buf(&mut buffered).with_context(|| format!("cannot read {path}"))?;
+        let magic =
+            io::BufRead::fill_buf(&mut buffered).with_context(|| format!("cannot read {path}"))?;
         if magic.starts_with(&ZSTD_MAGIC) {
-            let decoder = zstd::stream::read::Decoder::with_buffer(buffered).context("cannot start zstd")?;
+            let decoder =
+                zstd::stream::read::Decoder::with_buffer(buffered).context("cannot start zstd")?;
             Ok(Decoder::Zstd(decoder))
         } else if magic.starts_with(&GZIP_MAGIC) {
-            Ok(Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(buffered)))
+            Ok(Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(
+                buffered,
+            )))
         } else {
             bail!("{path} is neither zstd- nor gzip-compressed; is it a DAPHNE payload package?")
         }
