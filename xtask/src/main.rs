@@ -14,6 +14,7 @@ mod secrets;
 mod signals;
 mod ssh;
 mod testbed;
+mod transfer;
 mod stages;
 mod ui;
 

@@ -25,7 +25,6 @@ use sha2::{Digest, Sha256};
 use archive::{Item, Progress};
 use manifest::{hex, sha256_hex, MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME};
 pub use manifest::{FileRecord, ImageRef, Manifest};
-#[allow(unused_imports)] // part of the public API, called by the deploy commands
 pub use verify::{extract, verify};
 
 /// Default zstd level: meets both targets of the packaging issue on a 2-core machine

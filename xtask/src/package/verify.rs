@@ -56,7 +56,7 @@ pub fn extract(path: &Utf8Path, dest: &Utf8Path) -> Result<Verified> {
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a temporary directory in {parent}"))?;
     let verified = scan(path, Some(tmp.path())).with_context(|| {
-        format!("cannot extract package {path}: it failed verification, nothing was extracted")
+        format!("cannot extract package {path} into {dest} (nothing was extracted)")
     })?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(DIR_MODE))
         .with_context(|| format!("cannot set permissions on {}", tmp.path().display()))?;

@@ -85,6 +85,11 @@ pub fn plan(cfg: &Config, facts: &Facts, only: Option<Only>, force: bool) -> Res
     }
     let mut steps = vec![];
     let image = cfg.image.sif.clone();
+    if cfg.runtime != Runtime::Host {
+        if let Some(why) = &facts.runtime_missing {
+            bail!("build: no container runtime: {why}\n  fix: install Apptainer (on Debian 12: `cargo xtask testbed install`), or use `--runtime host` to build without a container");
+        }
+    }
     match (cfg.runtime, &facts.runtime_bin) {
         (Runtime::Host, _) => steps.push(Step::Note("runtime `host`: building directly on this machine, without a container".into())),
         (_, Some(bin)) => {
