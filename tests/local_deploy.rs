@@ -288,3 +288,17 @@ fn sigint_during_a_deploy_cleans_up_and_exits_130() {
 fn sigterm_during_a_deploy_cleans_up_and_exits_143() {
     interrupted_deploy(libc::SIGTERM, 143);
 }
+
+#[test]
+fn package_without_a_build_says_to_run_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("nobuild.toml");
+    // A source tree the tool has never built: its build key has no complete build.
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(&f, format!("[source]\npath = \"{}\"\n", src.display())).unwrap();
+    let out = xtask().args(["--target", "nobuild", "--config", f.to_str().unwrap(), "package"]).output().unwrap();
+    let e = text(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("no complete build") && e.contains("cargo xtask build"), "{e}");
+}

@@ -91,3 +91,17 @@ pub fn testbed() -> &'static Testbed {
         Testbed { env }
     })
 }
+
+/// The newest run record of a target and command.
+pub fn newest_record(target: &str, command: &str) -> serde_json::Value {
+    let runs = root().join("target/xtask/runs");
+    let mut recs: Vec<serde_json::Value> = std::fs::read_dir(runs)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("run.json")).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|r| r["target"] == target && r["command"] == command)
+        .collect();
+    recs.sort_by_key(|r| r["run_id"].as_str().unwrap().to_string());
+    recs.pop().expect("a run")
+}

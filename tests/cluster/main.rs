@@ -3,4 +3,5 @@
 //! binary exits, also after failures.
 
 mod fixture;
+mod slurm;
 mod transfer;

@@ -77,7 +77,11 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
         return Ok(());
     }
     if let Command::Status = cmd {
-        return status(&cfg, &open_current(root, g)?);
+        let run = open_current(root, g)?;
+        if cfg.scheduler == config::Scheduler::Slurm {
+            return Executor::new(&cfg, &facts, run).remote_status();
+        }
+        return status(&cfg, &run);
     }
     let run = match choice {
         RunChoice::New => Run::create(root, command, &cfg.target, scheduler_name(&cfg), cfg.runtime.name())?,
@@ -205,8 +209,10 @@ fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Optio
             });
             (vec![compile::plan(cfg, facts, only, *force)?], New)
         }
-        Command::Package { .. } | Command::Dist => (vec![payload::plan(cfg, facts)], New),
-        Command::Upload => (vec![upload::plan(cfg)?], New),
+        Command::Package { .. } => (vec![payload::plan(cfg, facts)], New),
+        // `dist` runs in CI on a fresh clone: it builds first (skipped when current).
+        Command::Dist => (vec![compile::plan(cfg, facts, None, false)?, payload::plan(cfg, facts)], New),
+        Command::Upload => (vec![upload::plan(cfg, facts)?], New),
         Command::Start(_) => (vec![workers::plan_start(cfg, facts)?], New),
         Command::Status => (vec![], Current),
         Command::Wait { timeout } => {
@@ -244,7 +250,7 @@ pub fn deploy_stages(cfg: &Config, facts: &facts::Facts, script: &Script, args: 
         plan_singularity(cfg, facts)?,
         compile::plan(cfg, facts, None, false)?,
         payload::plan(cfg, facts),
-        upload::plan(cfg)?,
+        upload::plan(cfg, facts)?,
         workers::plan_start(cfg, facts)?,
         workers::plan_wait(cfg)?,
         coordinator::plan(cfg, facts, script, args)?,

@@ -33,6 +33,12 @@ pub enum Var {
     Script,
     /// The id of this run.
     RunId,
+    /// The SLURM job id of the workers.
+    JobId,
+    /// The container image on the target.
+    Image,
+    /// This run's directory on the target.
+    RemoteRunDir,
 }
 
 impl Arg {
@@ -71,6 +77,9 @@ impl fmt::Display for Var {
             Var::Package => write!(f, "<package>"),
             Var::Script => write!(f, "<run-dir>/script.daph"),
             Var::RunId => write!(f, "<run-id>"),
+            Var::JobId => write!(f, "<job-id>"),
+            Var::Image => write!(f, "<image>"),
+            Var::RemoteRunDir => write!(f, "<remote-run-dir>"),
         }
     }
 }
@@ -134,6 +143,19 @@ pub enum Step {
     Remote { host: String, argv: Vec<Arg>, log: String },
     /// Fail with `hint` unless the file exists when this step runs.
     RequireFile { path: Utf8PathBuf, hint: String },
+    /// Store the SIF on the target once per image hash (`images/<hash>.sif`).
+    UploadImage,
+    /// Send the package and install it as `releases/<hash>/` on the target.
+    UploadRelease,
+    /// Write the batch script into the remote run directory and `sbatch` it.
+    SubmitJob,
+    /// Poll the job until every worker is ready; fail on a dead job, a down node, or a
+    /// job pending longer than `pending_timeout`.
+    WaitJob { timeout: Duration, pending_timeout: Duration },
+    /// Run the coordinator on the target through ssh, streaming its output.
+    RemoteCoordinator { argv: Vec<Arg> },
+    /// `scancel` the workers' job by its id and wait until it has ended.
+    CancelJob,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,6 +236,20 @@ impl fmt::Display for Step {
             Step::StopWorkers { grace } => write!(f, "stop every worker's process group (SIGTERM, SIGKILL after {}s)", grace.as_secs()),
             Step::RemoveRemote { path } => write!(f, "remove {path}"),
             Step::RequireFile { path, .. } => write!(f, "require {path}"),
+            Step::UploadImage => write!(f, "store the SIF as <remote_dir>/images/<definition-hash>.sif unless it is there"),
+            Step::UploadRelease => write!(f, "send <package> (rsync, else a stream over ssh), check its sha256 there, extract into releases/<hash> (temp dir, then rename)"),
+            Step::SubmitJob => write!(f, "write <remote-run-dir>/job.sh (mode 0700) and `sbatch --parsable` it; record the job id"),
+            Step::WaitJob { timeout, pending_timeout } => write!(
+                f,
+                "poll the job and the workers' logs until all are ready (timeout {}s; cancel when pending over {}s)",
+                timeout.as_secs(),
+                pending_timeout.as_secs()
+            ),
+            Step::RemoteCoordinator { argv } => {
+                let c = Cmd { argv: argv.clone(), env: vec![], cwd: None };
+                write!(f, "on the login host: {}    [log: coordinator.out, coordinator.err]", render_cmd(&c))
+            }
+            Step::CancelJob => write!(f, "scancel <job-id>; wait until the job has ended"),
             Step::WriteFile { path, contents } => write!(f, "write {path} ({} lines)", contents.lines().count()),
             Step::BuildImage { cmd, partial, sif } => {
                 write!(f, "$ {}    [log: image-build.log]\n      rename {} -> {sif}", render_cmd(cmd), render_quoted(partial))

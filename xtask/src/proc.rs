@@ -42,12 +42,22 @@ const TAIL_LINES: usize = 20;
 /// Runs a command to its end in its own process group, teeing stdout and stderr into log
 /// files. A pending SIGINT/SIGTERM stops the whole group and returns `Interrupted`.
 pub fn run_logged(cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo: Echo, stdin: Option<Vec<u8>>) -> Result<Finished> {
-    run_logged_with(cmd, out_log, err_log, echo, stdin, None)
+    run_logged_with(cmd, out_log, err_log, echo, stdin, None, None)
 }
 
 /// Like `run_logged`, with a spinner line (`label`, elapsed time, last output line) on
 /// stderr while it runs, when stderr is a terminal.
-pub fn run_logged_with(mut cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path, echo: Echo, stdin: Option<Vec<u8>>, spinner: Option<&str>) -> Result<Finished> {
+/// `abort`, when set by another thread, stops the command's process group; the result is
+/// then exit code 128 + SIGTERM.
+pub fn run_logged_with(
+    mut cmd: Command,
+    out_log: &Utf8Path,
+    err_log: &Utf8Path,
+    echo: Echo,
+    stdin: Option<Vec<u8>>,
+    spinner: Option<&str>,
+    abort: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Finished> {
     let start = Instant::now();
     let out_file = create_log(out_log)?;
     let err_file = if err_log == out_log { out_file.clone() } else { create_log(err_log)? };
@@ -65,7 +75,7 @@ pub fn run_logged_with(mut cmd: Command, out_log: &Utf8Path, err_log: &Utf8Path,
         pump(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>), err_file, Arc::clone(&tail), echo, true),
     ];
     let mut spin = spinner.map(|label| crate::ui::Spinner::new(label, start));
-    let status = wait_or_interrupt(&mut child, &mut |_| {
+    let status = wait_or_interrupt(&mut child, abort, &mut |_| {
         if let Some(s) = spin.as_mut() {
             let last = tail.lock().ok().and_then(|t| t.back().cloned()).unwrap_or_default();
             s.tick(&last);
@@ -129,11 +139,15 @@ fn pump(src: Option<Box<dyn Read + Send>>, log: SharedFile, tail: Arc<Mutex<VecD
 }
 
 /// Waits for a child; on SIGINT/SIGTERM, stops its process group and reports the signal.
-fn wait_or_interrupt(child: &mut Child, on_tick: &mut dyn FnMut(())) -> Result<std::result::Result<ExitStatus, i32>> {
+fn wait_or_interrupt(child: &mut Child, abort: Option<&std::sync::atomic::AtomicBool>, on_tick: &mut dyn FnMut(())) -> Result<std::result::Result<ExitStatus, i32>> {
     loop {
         on_tick(());
         if let Some(status) = child.try_wait()? {
             return Ok(Ok(status));
+        }
+        if abort.is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) {
+            stop_group(child.id() as i32, Duration::from_secs(3));
+            return Ok(Ok(child.wait()?));
         }
         if let Some(sig) = signals::pending() {
             stop_group(child.id() as i32, Duration::from_secs(3));

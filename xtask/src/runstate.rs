@@ -51,6 +51,7 @@ pub struct CoordinatorRecord {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunRecord {
     pub run_id: String,
     pub command: String,
@@ -80,6 +81,19 @@ pub struct RunRecord {
     pub job_ids: Vec<String>,
     pub coordinator_runs: Vec<CoordinatorRecord>,
     pub total_seconds: f64,
+    /// This run's directory on the target (remote schedulers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_run_dir: Option<String>,
+    /// The container image on the target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The sbatch command line of the workers' job.
+    pub sbatch: Vec<String>,
+    /// Payload bytes sent by `upload` (0 when the release was already there).
+    pub upload_bytes: u64,
+    /// SLURM's job state when the run last looked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_state: Option<String>,
 }
 
 /// A run directory plus its record.
@@ -251,7 +265,9 @@ mod tests {
 /// What the last `build`, `package` and `upload` of a target produced, so that separate
 /// invocations (`package`, then `upload`, then `start`) hand their results on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TargetState {
+    pub image: Option<String>,
     pub build_dir: Option<String>,
     pub package: Option<String>,
     pub package_hash: Option<String>,

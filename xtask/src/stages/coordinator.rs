@@ -64,6 +64,11 @@ pub fn plan(cfg: &Config, facts: &Facts, script: &Script, args: &[String]) -> Re
             Arg::Var(Var::Script)
         }
     };
+    if cfg.scheduler == crate::config::Scheduler::Slurm {
+        let argv = crate::stages::slurm::coordinator_argv(cfg, facts, script_arg, args);
+        steps.push(Step::RemoteCoordinator { argv });
+        return Ok(Stage::run("run", format!("coordinator as a step of the workers' job, against {} workers", cfg.workers), steps));
+    }
     let mut daphne_args = vec![Arg::lit("--distributed")];
     if cfg.run.dist_backend != "sync-gRPC" {
         daphne_args.push(Arg::lit(format!("--dist_backend={}", cfg.run.dist_backend)));

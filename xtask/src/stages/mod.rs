@@ -9,4 +9,5 @@ pub mod definition;
 pub mod facts;
 pub mod image;
 pub mod payload;
+pub mod slurm;
 pub mod workers;

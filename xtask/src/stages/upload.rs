@@ -15,7 +15,10 @@ pub fn runs_dir(cfg: &Config) -> String {
     format!("{}/runs", cfg.remote_dir.trim_end_matches('/'))
 }
 
-pub fn plan(cfg: &Config) -> Result<Stage> {
+pub fn plan(cfg: &Config, facts: &crate::stages::facts::Facts) -> Result<Stage> {
+    if cfg.scheduler == Scheduler::Slurm {
+        return Ok(crate::stages::slurm::plan_upload(cfg, facts));
+    }
     if cfg.scheduler != Scheduler::Local {
         bail!(
             "upload: the `{}` scheduler's SSH transfer is not implemented in this version; only the `local` target deploys end to end\n  fix: use `--target local`",

@@ -41,6 +41,9 @@ pub fn release_cmd(cfg: &Config, facts: &Facts, binary: &str, args: Vec<Arg>) ->
 }
 
 pub fn plan_start(cfg: &Config, facts: &Facts) -> Result<Stage> {
+    if cfg.scheduler == Scheduler::Slurm {
+        return Ok(crate::stages::slurm::plan_start(cfg));
+    }
     local_only(cfg, "start")?;
     let steps = (0..cfg.workers)
         .map(|k| {
@@ -56,11 +59,17 @@ pub fn plan_start(cfg: &Config, facts: &Facts) -> Result<Stage> {
 }
 
 pub fn plan_wait(cfg: &Config) -> Result<Stage> {
+    if cfg.scheduler == Scheduler::Slurm {
+        return Ok(crate::stages::slurm::plan_wait(cfg));
+    }
     local_only(cfg, "wait")?;
     Ok(Stage::run("wait", "readiness gate before the coordinator runs", vec![Step::WaitReady { timeout: cfg.ready_timeout }]))
 }
 
 pub fn plan_stop(cfg: &Config) -> Result<Stage> {
+    if cfg.scheduler == Scheduler::Slurm {
+        return Ok(crate::stages::slurm::plan_stop());
+    }
     local_only(cfg, "stop")?;
     Ok(Stage::run("stop", "workers are stopped by their recorded process groups", vec![Step::StopWorkers { grace: STOP_GRACE }]))
 }

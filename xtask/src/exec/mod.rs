@@ -13,6 +13,8 @@ use camino::{Utf8Path, Utf8PathBuf};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+mod remote;
+
 /// The coordinator ended with a non-zero exit code, which becomes the tool's.
 #[derive(Debug)]
 pub struct CoordinatorFailed(pub i32);
@@ -50,6 +52,15 @@ impl<'a> Executor<'a> {
         if !peers.is_empty() {
             vars.insert(Var::Peers, peers.join(","));
         }
+        if let Some(i) = run.record.image.clone().or(state.image) {
+            vars.insert(Var::Image, i);
+        }
+        if let Some(j) = run.record.job_ids.last() {
+            vars.insert(Var::JobId, j.clone());
+        }
+        if let Some(d) = &run.record.remote_run_dir {
+            vars.insert(Var::RemoteRunDir, d.clone());
+        }
         vars.insert(Var::RunId, run.id().to_string());
         Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None }
     }
@@ -61,6 +72,14 @@ impl<'a> Executor<'a> {
             self.ssh = Some(crate::ssh::Session::new(cfg)?);
         }
         Ok(self.ssh.as_ref().expect("just set"))
+    }
+
+    fn is_remote(&self) -> bool {
+        self.cfg.scheduler != crate::config::Scheduler::Local
+    }
+
+    fn host(&self) -> String {
+        self.cfg.ssh.as_ref().map(|s| s.host.clone()).unwrap_or_default()
     }
 
     fn check_signal(&self) -> Result<()> {
@@ -157,8 +176,15 @@ impl<'a> Executor<'a> {
             Step::SpawnWorker { index, host, cmd } => self.spawn_worker(*index, host, cmd)?,
             Step::WaitReady { timeout } => self.wait_ready(*timeout)?,
             Step::Coordinator { cmd } => self.coordinator(cmd)?,
+            Step::CollectLogs if self.is_remote() => self.collect_remote_logs()?,
             Step::CollectLogs => self.collect_logs()?,
             Step::StopWorkers { grace } => self.stop_workers(*grace)?,
+            Step::UploadImage => self.upload_image()?,
+            Step::UploadRelease => self.upload_release()?,
+            Step::SubmitJob => self.submit_job()?,
+            Step::WaitJob { timeout, pending_timeout } => self.wait_job(*timeout, *pending_timeout)?,
+            Step::RemoteCoordinator { argv } => self.remote_coordinator(argv)?,
+            Step::CancelJob => self.cancel_job()?,
             Step::RequireFile { path, hint } => {
                 if !path.is_file() {
                     bail!("{} does not exist\n  fix: {hint}", crate::paths::display(&self.cfg.root, path));
@@ -173,6 +199,12 @@ impl<'a> Executor<'a> {
                 let remote: Vec<String> = argv.iter().map(|a| self.resolve(a)).collect::<Result<_>>()?;
                 let full = self.session()?.argv(&remote)?;
                 self.exec(&Cmd { argv: full.into_iter().map(Arg::Lit).collect(), env: vec![], cwd: None }, log)?;
+            }
+            Step::RemoveRemote { .. } if self.is_remote() => {
+                let remote_dir = self.cfg.remote_dir.clone();
+                let id = self.run.id().to_string();
+                crate::transfer::clean_run(self.session()?, &remote_dir, &id)?;
+                ui::info(&format!("removed {remote_dir}/runs/{id} on {}", self.host()));
             }
             Step::RemoveRemote { path } => {
                 let p = Utf8Path::new(path);
@@ -211,7 +243,7 @@ impl<'a> Executor<'a> {
         let (c, _) = self.command(cmd)?;
         self.echo(cmd);
         let log = self.run.path("image-build.log");
-        let result = proc::run_logged_with(c, &log, &log, Echo::Quiet, None, Some("building image"));
+        let result = proc::run_logged_with(c, &log, &log, Echo::Quiet, None, Some("building image"), None);
         let done = match result {
             Ok(d) => d,
             Err(e) => {
@@ -490,6 +522,9 @@ fn missing_var(v: Var, target: &str) -> anyhow::Error {
         Var::Port(k) => anyhow!("no port was chosen for worker {k}"),
         Var::Script => anyhow!("the script was not staged"),
         Var::RunId => anyhow!("no run id"),
+        Var::JobId => anyhow!("no SLURM job is recorded for target `{target}`\n  fix: run `cargo xtask start --target {target}` first"),
+        Var::Image => anyhow!("no image is on the target `{target}`\n  fix: run `cargo xtask upload --target {target}` (after `singularity`)"),
+        Var::RemoteRunDir => anyhow!("this run has no directory on target `{target}` yet"),
     }
 }
 
