@@ -105,3 +105,16 @@ pub fn newest_record(target: &str, command: &str) -> serde_json::Value {
     recs.sort_by_key(|r| r["run_id"].as_str().unwrap().to_string());
     recs.pop().expect("a run")
 }
+
+static LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by every test that talks to the testbed, so a test that counts what happens on the
+/// testbed (SSH handshakes) can run alone.
+pub fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Excludes every other testbed test while held.
+pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    LOCK.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -53,6 +53,8 @@ fn assert_no_job_process(tb: &Testbed, job: &str) {
 #[test]
 fn deploy_on_three_nodes_with_two_workers_each() {
     let tb = testbed();
+    // Alone on the testbed: the sshd log then counts only this deploy's handshakes.
+    let _alone = crate::fixture::exclusive();
     let logins_before = tb.ssh_logins();
     let out = deploy(&["deploy/examples/sum.daph", "n=1000000"]);
     let (o, e) = (text(&out.stdout), text(&out.stderr));
@@ -89,6 +91,7 @@ fn deploy_on_three_nodes_with_two_workers_each() {
 #[test]
 fn start_then_run_twice_then_stop() {
     let tb = testbed();
+    let _shared = crate::fixture::shared();
     // Its own target name, so the current deployment is not shared with other tests.
     let cfg = crate::fixture::root().join(format!("target/xtask/targets/{TARGET}.toml"));
     let cfg = cfg.to_str().unwrap().to_string();
@@ -129,6 +132,7 @@ fn start_then_run_twice_then_stop() {
 /// SIGINT or SIGTERM while `deploy` waits or runs: the job is cancelled, logs collected.
 fn interrupt(sig: i32, want: i32, after: &str) {
     let tb = testbed();
+    let _shared = crate::fixture::shared();
     let mut child = xtask()
         .args(["--target", TARGET, "deploy", "deploy/examples/sum.daph", "n=1000"])
         .stdout(std::process::Stdio::piped())
@@ -181,6 +185,7 @@ fn sigterm_during_run_cancels_the_job() {
 #[test]
 fn two_concurrent_deploys_both_succeed() {
     testbed();
+    let _shared = crate::fixture::shared();
     let a = std::thread::spawn(|| deploy(&["deploy/examples/sum.daph", "n=2000"]));
     let b = std::thread::spawn(|| deploy(&["deploy/examples/sum.daph", "n=3000"]));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());

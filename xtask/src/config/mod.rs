@@ -185,6 +185,7 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub advertise: Advertise,
     pub ready_timeout: Duration,
+    pub port_retries: u32,
     pub slurm: SlurmOpts,
     pub runtime: Runtime,
     pub runtime_args: Vec<String>,
@@ -391,6 +392,7 @@ impl Validator<'_> {
                 _ => return Err(self.err(a, "schedule.advertise", format!("`{}` is not an address choice", a.get_ref()), "use `hostname` or `interface:NAME`, e.g. `interface:ib0`")),
             },
         };
+        let port_retries = self.int_in(&s.port_retries, "schedule.port_retries", 0, 1000, "give a count, e.g. `port_retries = 16`, or 0 to fail on a taken port")?.unwrap_or(16) as u32;
         let ready_timeout =
             self.int_in(&s.ready_timeout, "schedule.ready_timeout", 1, 86_400, "give seconds, e.g. `ready_timeout = 60`")?.unwrap_or(60) as u64;
 
@@ -424,6 +426,7 @@ impl Validator<'_> {
             peers,
             advertise,
             ready_timeout: Duration::from_secs(ready_timeout),
+            port_retries,
             slurm,
             runtime,
             runtime_args: f.container.runtime_args,

@@ -72,6 +72,9 @@ pub struct Schedule {
     pub advertise: Option<Spanned<String>>,
     /// Seconds that `wait` gives every worker to become ready.
     pub ready_timeout: Option<Spanned<i64>>,
+    /// How often a worker whose port is taken on its node may move on to another port
+    /// (0: fail and report the port instead).
+    pub port_retries: Option<Spanned<i64>>,
     #[serde(default)]
     pub slurm: Slurm,
 }

@@ -15,8 +15,11 @@ use crate::stages::facts::Facts;
 use std::time::Duration;
 
 /// Runs in every task of the workers' step. Constant text: every variable part arrives as an
-/// environment variable or a positional argument, never spliced into the script.
-pub const WORKER_WRAPPER: &str = r#"set -eu
+/// environment variable or a positional argument, never spliced into the script. The worker
+/// runs in the foreground of the task (never in the background), so SLURM owns it for the
+/// step's life. When it exits at once because its port is taken on the node (another job of
+/// the same user, say), the next port `stride` away is tried, up to `port_retries` times.
+pub const WORKER_WRAPPER: &str = r#"set -u
 if [ "$DAPHNE_ADVERTISE" = hostname ]; then
   addr=$(hostname)
 else
@@ -24,13 +27,34 @@ else
   [ -n "$addr" ] || { echo "no IPv4 address on interface $DAPHNE_ADVERTISE" >&2; exit 1; }
 fi
 if [ -n "${DAPHNE_PORTS:-}" ]; then
-  port=$(echo "$DAPHNE_PORTS" | cut -d' ' -f$((SLURM_LOCALID + 1)))
+  first=$(echo "$DAPHNE_PORTS" | cut -d' ' -f$((SLURM_LOCALID + 1)))
 else
-  port=$((DAPHNE_PORT_BASE + SLURM_LOCALID))
+  first=$((DAPHNE_PORT_BASE + SLURM_LOCALID))
 fi
 mkdir -p peers.d
-echo "$addr:$port" > "peers.d/$SLURM_PROCID.tmp" && mv -f "peers.d/$SLURM_PROCID.tmp" "peers.d/$SLURM_PROCID"
-exec "$@" "$addr:$port""#;
+attempt=0
+while :; do
+  port=$((first + attempt * DAPHNE_PORT_STRIDE))
+  echo "$addr:$port" > "peers.d/$SLURM_PROCID.tmp" && mv -f "peers.d/$SLURM_PROCID.tmp" "peers.d/$SLURM_PROCID"
+  started=$(date +%s)
+  "$@" "$addr:$port"
+  rc=$?
+  [ "$rc" -eq 0 ] && exit 0
+  quick=$(( $(date +%s) - started <= 2 ))
+  taken=0
+  if command -v ss >/dev/null 2>&1; then
+    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && taken=1
+  fi
+  if [ "$quick" -eq 1 ] && [ "$taken" -eq 1 ]; then
+    if [ "$attempt" -lt "$DAPHNE_PORT_RETRIES" ]; then
+      echo "daphne-worker: port $port is in use on $addr; trying port $((port + DAPHNE_PORT_STRIDE))" >&2
+      attempt=$((attempt + 1))
+      continue
+    fi
+    echo "daphne-worker: port $port is in use on $addr and no retries are left (port_retries = $DAPHNE_PORT_RETRIES)" >&2
+  fi
+  exit "$rc"
+done"#;
 
 /// The command every worker task runs, before its `host:port` argument: the worker binary,
 /// through the container when one is configured.
@@ -62,6 +86,7 @@ pub fn batch_script(cfg: &Config, facts: &Facts, run_id: &str, release: &str, im
     let mut step: Vec<String> = vec!["srun".into(), "--kill-on-bad-exit=1".into(), "--output=worker-%t.out".into(), "--error=worker-%t.err".into()];
     step.extend(s.srun_args.iter().cloned());
     step.extend(["/bin/sh".into(), "-c".into(), WORKER_WRAPPER.into(), "daphne-worker".into()]);
+    // (The wrapper is POSIX sh; `ss` from iproute2 tells whether a port is taken.)
     step.extend(worker_argv(cfg, facts, release, image));
     format!(
         "#!/bin/bash\n\
@@ -72,10 +97,14 @@ pub fn batch_script(cfg: &Config, facts: &Facts, run_id: &str, release: &str, im
          export DAPHNE_ADVERTISE={advertise}\n\
          export DAPHNE_PORT_BASE={port_base}\n\
          export DAPHNE_PORTS={ports}\n\
+         export DAPHNE_PORT_STRIDE={stride}\n\
+         export DAPHNE_PORT_RETRIES={retries}\n\
          {step}\n",
         target = cfg.target,
         advertise = quote::quote(&advertise),
         ports = quote::quote(&ports),
+        stride = s.tasks_per_node.max(1),
+        retries = cfg.port_retries,
         step = quote::display(&step),
     )
 }
@@ -193,7 +222,7 @@ rest=${st#*|}
 echo "nodes ${rest%%|*}"
 echo "reason ${rest#*|}"
 for f in peers.d/*; do [ -f "$f" ] && echo "peer ${f#peers.d/} $(cat "$f")"; done
-for f in worker-*.out; do [ -f "$f" ] && grep -q 'Started Distributed Worker' "$f" && { t=${f#worker-}; echo "ready ${t%.out}"; }; done
+for f in worker-*.out; do [ -f "$f" ] || continue; a=$(sed -n 's/.*Started Distributed Worker on `\(.*\)`.*/\1/p' "$f" | tail -n 1); [ -n "$a" ] && { t=${f#worker-}; echo "ready ${t%.out} $a"; }; done
 exit 0"#;
 
 /// What one poll saw.
@@ -205,6 +234,8 @@ pub struct Poll {
     /// (task, host:port)
     pub peers: Vec<(usize, String)>,
     pub ready: Vec<usize>,
+    /// (task, host:port) from each ready worker's "Started" line: the authoritative address.
+    pub started: Vec<(usize, String)>,
 }
 
 pub fn parse_poll(out: &str) -> Poll {
@@ -223,14 +254,27 @@ pub fn parse_poll(out: &str) -> Poll {
                 }
             }
             "ready" => {
-                if let Ok(t) = v.trim().parse() {
+                // `ready <task> <host:port>`: the address the worker itself says it listens on.
+                let (t, addr) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
+                if let Ok(t) = t.parse::<usize>() {
                     p.ready.push(t);
+                    if !addr.is_empty() {
+                        p.started.push((t, addr.trim().to_string()));
+                    }
                 }
             }
             _ => {}
         }
     }
+    // A worker that moved to another port says so in its Started line; that address wins.
+    for (t, a) in &p.started {
+        match p.peers.iter_mut().find(|(pt, _)| pt == t) {
+            Some(e) => e.1 = a.clone(),
+            None => p.peers.push((*t, a.clone())),
+        }
+    }
     p.peers.sort();
+    p.started.sort();
     p.ready.sort_unstable();
     p.ready.dedup();
     p
@@ -335,9 +379,9 @@ mod tests {
 
     #[test]
     fn poll_output_parses() {
-        let p = parse_poll("state RUNNING\nnodes node[1-3]\nreason None\npeer 1 node1:50001\npeer 0 node1:50000\nready 0\nready 1\n");
+        let p = parse_poll("state RUNNING\nnodes node[1-3]\nreason None\npeer 1 node1:50001\npeer 0 node1:50000\nready 0 node1:50000\nready 1 node1:50003\n");
         assert_eq!(p.state, "RUNNING");
-        assert_eq!(p.peers, vec![(0, "node1:50000".into()), (1, "node1:50001".into())]);
+        assert_eq!(p.peers, vec![(0, "node1:50000".into()), (1, "node1:50003".into())]);
         assert_eq!(p.ready, vec![0, 1]);
         assert!(is_terminal("NODE_FAIL") && is_terminal("") && !is_terminal("PENDING"));
     }
