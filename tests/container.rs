@@ -165,3 +165,36 @@ fn a_failing_build_script_shows_its_last_lines_and_the_log() {
     assert_eq!(out.status.code(), Some(1), "{e}");
     assert!(e.contains("exit code 7") && e.contains("error: kernels.cpp:1: boom") && e.contains("full log:"), "{e}");
 }
+
+fn manifest_of(stderr: &str) -> serde_json::Value {
+    let pkg = stderr
+        .lines()
+        .find_map(|l| l.split("wrote ").nth(1).or_else(|| l.split("reusing ").nth(1)))
+        .and_then(|l| l.split(" (").next())
+        .expect("package line")
+        .trim()
+        .to_string();
+    let out = xtask().args(["package", "--verify", &pkg]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The manifest is the archive's first entry; read it back through `tar`.
+    let list = Command::new("sh").arg("-c").arg(format!("zstd -dc '{}' 2>/dev/null | tar -xOf - manifest.json || tar --zstd -xOf '{}' manifest.json", root().join(&pkg).display(), root().join(&pkg).display())).output().unwrap();
+    serde_json::from_slice(&list.stdout).unwrap_or_else(|e| panic!("manifest of {pkg}: {e}: {}", text(&list.stderr)))
+}
+
+#[test]
+fn the_package_records_the_image_and_can_carry_the_sif() {
+    image();
+    let out = run_ok(&["--target", TARGET, "package"]);
+    let m = manifest_of(&text(&out.stderr));
+    let hash = m["image"]["hash"].as_str().expect("image hash in the manifest").to_string();
+    assert_eq!(hash.len(), 16);
+    assert!(m["image"]["sif_remote_path"].as_str().unwrap().ends_with("daphne-bookworm.sif"));
+    assert_eq!(m["image"]["included"], false);
+    let cfg_text = std::fs::read_to_string(root().join("deploy/targets/local-apptainer.toml")).unwrap() + "\n[payload]\ninclude_sif = true\n";
+    let (_d, cfg) = temp_target(&cfg_text);
+    let out = run_ok(&["--config", &cfg, "--target", "with-sif", "package"]);
+    let m = manifest_of(&text(&out.stderr));
+    assert_eq!(m["image"]["included"], true);
+    let paths: Vec<&str> = m["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&format!("image/{hash}.sif").as_str()), "{paths:?}");
+}

@@ -302,3 +302,19 @@ fn package_without_a_build_says_to_run_build() {
     assert!(!out.status.success(), "{e}");
     assert!(e.contains("no complete build") && e.contains("cargo xtask build"), "{e}");
 }
+
+#[test]
+fn payload_globs_that_match_nothing_warn_or_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let warn = dir.path().join("warn.toml");
+    std::fs::write(&warn, "[payload]\nglobs = [\"deploy/examples/*.daph\", \"no/such/*.csv\"]\n").unwrap();
+    let w = warn.to_str().unwrap();
+    run_ok(&["--target", "globs", "--config", w, "build"]);
+    let out = run_ok(&["--target", "globs", "--config", w, "package"]);
+    assert!(text(&out.stderr).contains("warning: payload: `no/such/*.csv` matches no file"), "{}", text(&out.stderr));
+    let fail = dir.path().join("fail.toml");
+    std::fs::write(&fail, "[payload]\nglobs = [\"no/such/*.csv\"]\nrequire_match = true\n").unwrap();
+    let out = xtask().args(["--target", "globs", "--config", fail.to_str().unwrap(), "package"]).output().unwrap();
+    let e = text(&out.stderr);
+    assert!(!out.status.success() && e.contains("matches no file") && e.contains("fix:"), "{e}");
+}

@@ -81,6 +81,9 @@ pub fn testbed() -> &'static Testbed {
         unsafe { libc::atexit(teardown) };
         let out = xtask().args(["testbed", "up"]).output().unwrap();
         assert!(out.status.success(), "testbed up failed (the cluster tests need root):\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        // The image once, before tests deploy concurrently (each would otherwise build it).
+        let img = xtask().args(["--target", TARGET, "singularity"]).output().unwrap();
+        assert!(img.status.success(), "building the image failed:\n{}", text(&img.stderr));
         let env_file = Path::new(TB_ENV[0].1).join("testbed.env");
         let env = std::fs::read_to_string(&env_file)
             .unwrap()

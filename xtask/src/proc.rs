@@ -271,3 +271,26 @@ pub fn which(program: &str) -> Option<Utf8PathBuf> {
         p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
     })
 }
+
+/// Takes an exclusive `flock` on `path` (created if needed), waiting while another process
+/// holds it; the lock ends when the returned file is dropped, also when we crash.
+pub fn lock_file(path: &Utf8Path, what: &str) -> Result<File> {
+    use std::os::unix::io::AsRawFd;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {d}"))?;
+    }
+    let f = File::options().create(true).truncate(false).write(true).open(path).with_context(|| format!("cannot open the lock {path}"))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        crate::ui::info(&format!("waiting for another {what} to finish (lock {path})"));
+        loop {
+            signals::check()?;
+            // SAFETY: as above.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(f)
+}

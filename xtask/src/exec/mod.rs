@@ -36,6 +36,8 @@ pub struct Executor<'a> {
     pub cleaning: bool,
     /// The ssh session to the login host, opened on first use (one handshake per run).
     pub ssh: Option<crate::ssh::Session>,
+    /// Locks held until the current stage ends.
+    locks: Vec<std::fs::File>,
 }
 
 impl<'a> Executor<'a> {
@@ -62,7 +64,7 @@ impl<'a> Executor<'a> {
             vars.insert(Var::RemoteRunDir, d.clone());
         }
         vars.insert(Var::RunId, run.id().to_string());
-        Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None }
+        Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None, locks: vec![] }
     }
 
     /// The ssh session to the target's login host.
@@ -114,6 +116,7 @@ impl<'a> Executor<'a> {
                 }
             }
         }
+        self.locks.clear();
         rec.seconds = start.elapsed().as_secs_f64();
         rec.status = match &result {
             Ok(()) => "ran".into(),
@@ -185,6 +188,10 @@ impl<'a> Executor<'a> {
             Step::WaitJob { timeout, pending_timeout } => self.wait_job(*timeout, *pending_timeout)?,
             Step::RemoteCoordinator { argv } => self.remote_coordinator(argv)?,
             Step::CancelJob => self.cancel_job()?,
+            Step::Lock { path, what } => {
+                let f = crate::proc::lock_file(path, what)?;
+                self.locks.push(f);
+            }
             Step::RequireFile { path, hint } => {
                 if !path.is_file() {
                     bail!("{} does not exist\n  fix: {hint}", crate::paths::display(&self.cfg.root, path));
@@ -236,6 +243,13 @@ impl<'a> Executor<'a> {
     }
 
     fn build_image(&mut self, cmd: &Cmd, partial: &Arg, sif: &Utf8Path) -> Result<()> {
+        // Another run may have built it while this one waited for the lock.
+        if let Some(bin) = self.facts.runtime_bin.as_deref() {
+            if crate::stages::image::built_hash(bin, sif).as_deref() == Some(self.facts.definition.hash.as_str()) {
+                ui::info(&format!("{} was built meanwhile by another run; using it", crate::paths::display(&self.cfg.root, sif)));
+                return Ok(());
+            }
+        }
         let partial = Utf8PathBuf::from(self.resolve(partial)?);
         if let Some(dir) = sif.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("singularity: cannot create {dir}"))?;
@@ -273,7 +287,7 @@ impl<'a> Executor<'a> {
             (None, true) => build_dir.to_owned(),
             (None, false) => TargetState::load(&self.cfg.root, &self.cfg.target).build_dir.map(Utf8PathBuf::from).unwrap_or_else(|| build_dir.to_owned()),
         };
-        let packed = payload::pack(self.cfg, self.facts, &build_dir, out_dir, None)?;
+        let packed = payload::pack(self.cfg, self.facts, &build_dir, out_dir, payload::image_ref(self.cfg, self.facts))?;
         let shown = crate::paths::display(&self.cfg.root, &packed.path);
         if packed.skipped {
             ui::info(&format!("unchanged: reusing {shown} ({} files, {} bytes)", packed.files, packed.bytes));

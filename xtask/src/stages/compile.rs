@@ -83,7 +83,9 @@ pub fn plan(cfg: &Config, facts: &Facts, only: Option<Only>, force: bool) -> Res
     if facts.build_cached && !force && only.is_none() {
         return Ok(Stage::skip("build", format!("sources, image and build commands unchanged (build {})", facts.build_key)));
     }
-    let mut steps = vec![];
+    // build.sh writes into the source tree: one build of a tree at a time.
+    let lock = crate::paths::state_dir(&cfg.root).join("locks").join(format!("build-{:x}.lock", Sha256::digest(src.as_str().as_bytes())));
+    let mut steps = vec![Step::Lock { path: lock, what: format!("build of {src}") }];
     let image = cfg.image.sif.clone();
     if cfg.runtime != Runtime::Host {
         if let Some(why) = &facts.runtime_missing {

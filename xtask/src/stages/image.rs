@@ -49,6 +49,8 @@ pub fn plan(cfg: &Config, facts: &Facts, force: bool) -> Result<Stage> {
         }
         return Ok(Stage::run("singularity", "definition file rewritten; the image is current", steps));
     }
+    // One build of an image at a time; a second one waits and then finds it current.
+    steps.push(Step::Lock { path: Utf8Path::new(&format!("{sif}.lock")).to_owned(), what: format!("build of {}", display(cfg, sif)) });
     let partial = Arg::Concat(vec![Arg::lit(format!("{sif}.partial-")), Arg::Var(Var::RunId)]);
     let mut argv: Vec<Arg> = vec![bin.into(), "build".into()];
     if cfg.image.fakeroot {
@@ -107,5 +109,37 @@ mod tests {
         assert!(e.contains("differs from what") && e.contains("run `cargo xtask singularity --target t` and commit"), "{e}");
         std::fs::write(&cfg.image.definition, &def.text).unwrap();
         check(&cfg, &def).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::config::{load_str, Overrides};
+
+    /// `build_on = "login"` plans the build as a command on the login host, over ssh.
+    #[test]
+    fn build_on_the_login_node_is_a_remote_step() {
+        let toml = "[reach]\nhost = \"login.example.eu\"\nremote_dir = \"/scratch/a\"\n[container]\nruntime = \"apptainer\"\n[image]\nbuild_on = \"login\"\nfakeroot = true\n";
+        let cfg = load_str(camino::Utf8Path::new("/repo"), "hpc", None, toml, &Overrides::default()).unwrap();
+        let facts = crate::stages::facts::Facts {
+            runtime_bin: Some("apptainer".into()),
+            runtime_missing: None,
+            build_key: "k".into(),
+            build_cached: false,
+            source_exists: true,
+            commit: "c".into(),
+            dirty: false,
+            definition: definition::generate(&cfg),
+            image_hash: None,
+        };
+        let stage = plan(&cfg, &facts, false).unwrap();
+        let remote = stage.steps.iter().find_map(|s| match s {
+            Step::Remote { host, argv, .. } => Some((host.clone(), argv.iter().map(crate::plan::render_arg).collect::<Vec<_>>())),
+            _ => None,
+        });
+        let (host, argv) = remote.expect("a remote build step");
+        assert_eq!(host, "login.example.eu");
+        assert_eq!(&argv[..3], ["apptainer", "build", "--fakeroot"]);
     }
 }

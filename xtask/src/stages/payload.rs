@@ -117,10 +117,29 @@ pub fn compression(cfg: &Config) -> Compression {
     }
 }
 
+/// The container image the package runs in: its definition hash, where the SIF lives on the
+/// target, and whether the package carries the SIF itself (`payload.include_sif`).
+pub fn image_ref(cfg: &Config, facts: &Facts) -> Option<ImageRef> {
+    facts.runtime_bin.as_ref()?;
+    let hash = facts.definition.hash.clone();
+    let sif_remote_path = match cfg.scheduler {
+        config::Scheduler::Local => cfg.image.sif.to_string(),
+        _ => format!("{}/images/{hash}.sif", cfg.remote_dir.trim_end_matches('/')),
+    };
+    Some(ImageRef { hash, sif_remote_path, included: cfg.payload.include_sif })
+}
+
 /// Packs; called by the executor for `Step::Pack`.
 pub fn pack(cfg: &Config, facts: &Facts, build_dir: &Utf8Path, out_dir: &Utf8Path, image: Option<ImageRef>) -> Result<Packed> {
+    let mut entries = entries(cfg, build_dir)?;
+    if let Some(img) = image.as_ref().filter(|i| i.included) {
+        if !cfg.image.sif.is_file() {
+            bail!("package: `include_sif = true` but the image {} does not exist\n  fix: run `cargo xtask singularity --target {}` first", cfg.image.sif, cfg.target);
+        }
+        entries.push(Entry::new(format!("image/{}.sif", img.hash), cfg.image.sif.clone()).with_hint("run `cargo xtask singularity`"));
+    }
     let spec = PackSpec {
-        entries: entries(cfg, build_dir)?,
+        entries,
         compression: compression(cfg),
         mtime: mtime(&cfg.root),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
