@@ -36,7 +36,7 @@ fn record(dir: &Path) -> serde_json::Value {
 }
 
 fn pids(rec: &serde_json::Value) -> Vec<i64> {
-    rec["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap()).collect()
+    rec["workers"].as_array().map(|ws| ws.iter().filter_map(|w| w["pid"].as_i64()).collect()).unwrap_or_default()
 }
 
 /// A PID that still names a live (non-zombie) process.
@@ -231,18 +231,19 @@ fn config_errors_name_file_line_and_key() {
 /// SIGINT or SIGTERM while the coordinator waits on frozen workers: the tool stops
 /// everything it started, keeps the logs, records the interruption and exits 128+signal.
 fn interrupted_deploy(sig: i32, want: i32) {
+    let runs = root().join("target/xtask/runs");
+    let before: std::collections::HashSet<PathBuf> = std::fs::read_dir(&runs).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     let mut child = xtask()
         .args(["deploy", "--workers", "2"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let runs = root().join("target/xtask/runs");
     // Find this deploy's run by its workers' parent: the workers are our child's children.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let (dir, worker_pids) = loop {
         assert!(std::time::Instant::now() < deadline, "the deploy never started its workers");
-        let found = std::fs::read_dir(&runs).unwrap().flatten().find_map(|e| {
+        let found = std::fs::read_dir(&runs).unwrap().flatten().filter(|e| !before.contains(&e.path())).find_map(|e| {
             let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.path().join("run.json")).ok()?).ok()?;
             let pids = pids(&rec);
             let ours = pids.len() == 2 && pids.iter().all(|p| parent_of(*p) == Some(child.id() as i64));
@@ -317,4 +318,35 @@ fn payload_globs_that_match_nothing_warn_or_fail() {
     let out = xtask().args(["--target", "globs", "--config", fail.to_str().unwrap(), "package"]).output().unwrap();
     let e = text(&out.stderr);
     assert!(!out.status.success() && e.contains("matches no file") && e.contains("fix:"), "{e}");
+}
+
+#[test]
+fn clean_refuses_a_running_deployment_and_prunes_unused_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("clean.toml");
+    let remote = dir.path().join("remote");
+    std::fs::write(&f, format!("[reach]\nremote_dir = \"{}\"\n[schedule]\nworkers = 1\n", remote.display())).unwrap();
+    let g = ["--target", "clean-test", "--config", f.to_str().unwrap()];
+    let with = |cmd: &[&str]| -> Vec<String> { g.iter().chain(cmd).map(|s| s.to_string()).collect() };
+    for step in [&["build"][..], &["package"], &["upload"]] {
+        let a = with(step);
+        run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    // An unused release from an older package.
+    let releases = remote.join("releases");
+    std::fs::create_dir_all(releases.join("0000000000000000")).unwrap();
+    let a = with(&["start"]);
+    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let guard = StopOnDrop(with(&["stop"]));
+    let a = with(&["clean"]);
+    let out = xtask().args(&a).output().unwrap();
+    assert!(!out.status.success() && text(&out.stderr).contains("still deployed"), "{}", text(&out.stderr));
+    let a = with(&["clean", "--all"]);
+    let out = xtask().args(&a).output().unwrap();
+    assert!(!out.status.success(), "clean --all must also refuse while deployed");
+    guard.stop();
+    let a = with(&["clean", "--all"]);
+    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let left: Vec<_> = std::fs::read_dir(&releases).unwrap().flatten().collect();
+    assert!(left.is_empty(), "unused releases left: {left:?}");
 }

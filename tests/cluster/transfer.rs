@@ -21,6 +21,7 @@ struct OwnTarget {
 impl Drop for OwnTarget {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(root().join("target/xtask/state").join(format!("{}.json", self.name())));
     }
 }
 
@@ -135,19 +136,25 @@ fn upload_to_an_unreachable_host_names_it() {
 }
 
 #[test]
-#[ignore = "until `clean --all` calls transfer::prune (exec.rs)"]
-fn clean_all_prunes_releases_not_in_use() {
+fn clean_all_prunes_releases_and_leftovers() {
     let t = OwnTarget::new("prune");
     t.ok(&["package"]);
     t.ok(&["upload"]);
-    let current = t.complete();
-    assert_eq!(current.len(), 1);
+    assert_eq!(t.complete().len(), 1);
     let old = t.releases().join("00000000deadbeef");
     std::fs::create_dir_all(old.join("bin")).unwrap();
     std::fs::write(old.join(".complete"), "").unwrap();
-    std::fs::write(t.releases().join(".incoming/daphne-payload-00000000deadbeef.tar.zst"), "partial").unwrap();
+    let partial = t.releases().join(".incoming/daphne-payload-00000000deadbeef.tar.zst");
+    std::fs::write(&partial, "partial").unwrap();
+    let tmp = t.releases().join(".tmp-00000000deadbeef-AbCd1234");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // No deployment of this target is running, so nothing is in use.
     let out = t.ok(&["clean", "--all"]);
-    assert!(!old.exists(), "{}", text(&out.stderr));
-    assert!(!t.releases().join(".incoming/daphne-payload-00000000deadbeef.tar.zst").exists());
-    assert_eq!(t.complete(), current, "the release in use is kept");
+    let e = text(&out.stderr);
+    assert!(!old.exists() && !partial.exists() && !tmp.exists(), "{e}");
+    assert!(t.complete().is_empty(), "{e}");
+    // The next upload installs the release again.
+    let again = t.ok(&["upload"]);
+    assert!(text(&again.stderr).contains("installed "), "{}", text(&again.stderr));
+    assert_eq!(t.complete().len(), 1);
 }

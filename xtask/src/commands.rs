@@ -65,7 +65,7 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     // From here on, Ctrl-C and SIGTERM clean up instead of killing us outright (reading a
     // script from stdin above stays interruptible the ordinary way).
     crate::signals::install();
-    let (stages, choice) = plan_command(&cfg, &facts, &cmd, script.as_ref())?;
+    let (stages, choice) = plan_command(&cfg, &facts, &cmd, script.as_ref(), g)?;
     let command = name(&cmd);
     if g.dry_run || matches!(cmd, Command::Plan) {
         let run_dir = match (&choice, current_run_id(root, g)) {
@@ -185,7 +185,7 @@ fn plan_clean(cfg: &Config, run_id: Option<&str>) -> Stage {
     Stage::run("clean", "the run's state on the target is no longer needed", vec![Step::RemoveRemote { path }])
 }
 
-fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Option<&Script>) -> Result<(Vec<Stage>, RunChoice)> {
+fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Option<&Script>, g: &Global) -> Result<(Vec<Stage>, RunChoice)> {
     use RunChoice::*;
     Ok(match cmd {
         Command::Singularity { force, .. } => {
@@ -228,7 +228,25 @@ fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Optio
         }
         Command::Stop => (vec![plan_logs(cfg), workers::plan_stop(cfg)?], Current),
         Command::Logs { .. } => (vec![plan_logs(cfg)], Current),
-        Command::Clean { .. } => (vec![plan_clean(cfg, None)], Current),
+        Command::Clean { all } => {
+            let current = runstate::current(&cfg.root, &cfg.target);
+            if let Some(c) = &current {
+                if g.run_id.is_none() || g.run_id.as_ref() == Some(c) {
+                    bail!("clean: run {c} of target `{}` is still deployed\n  fix: `cargo xtask stop --target {0}` first (it collects the logs), then clean", cfg.target);
+                }
+            }
+            let mut stages = vec![];
+            if g.run_id.is_some() {
+                stages.push(plan_clean(cfg, None));
+            }
+            if *all {
+                stages.push(Stage::run("prune", "--all: releases and images that no running deployment uses", vec![Step::Prune]));
+            }
+            if stages.is_empty() {
+                bail!("clean: name the run to clean with `--run RUN_ID` (see `cargo xtask runs`), or pass `--all` to prune unused releases and images");
+            }
+            (stages, if g.run_id.is_some() { Current } else { New })
+        }
         Command::Deploy { .. } | Command::Plan => {
             let args = match cmd {
                 Command::Deploy { run, .. } if !run.args.is_empty() => run.args.clone(),

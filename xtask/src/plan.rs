@@ -141,6 +141,8 @@ pub enum Step {
     BuildImage { cmd: Cmd, partial: Arg, sif: Utf8PathBuf },
     /// Run a command on a remote host over ssh.
     Remote { host: String, argv: Vec<Arg>, log: String },
+    /// Remove every release and image on the target that no running deployment uses.
+    Prune,
     /// Hold an exclusive lock on `path` until the stage ends (e.g. one build per source tree).
     Lock { path: Utf8PathBuf, what: String },
     /// Fail with `hint` unless the file exists when this step runs.
@@ -239,6 +241,7 @@ impl fmt::Display for Step {
             Step::RemoveRemote { path } => write!(f, "remove {path}"),
             Step::RequireFile { path, .. } => write!(f, "require {path}"),
             Step::Lock { path, what } => write!(f, "lock {path} ({what})"),
+            Step::Prune => write!(f, "remove releases/ and images/ entries that no running deployment uses"),
             Step::UploadImage => write!(f, "store the SIF as <remote_dir>/images/<definition-hash>.sif unless it is there"),
             Step::UploadRelease => write!(f, "send <package> (rsync, else a stream over ssh), check its sha256 there, extract into releases/<hash> (temp dir, then rename)"),
             Step::SubmitJob => write!(f, "write <remote-run-dir>/job.sh (mode 0700) and `sbatch --parsable` it; record the job id"),

@@ -58,7 +58,10 @@ pub enum Method {
 /// The remote side of every operation. `$1` is the operation; the rest are its arguments.
 /// Machine-readable replies are `key=value` records, each terminated by a NUL byte.
 /// Exit codes: 0 ok, 3 sha256 mismatch (the file was removed), 4 the partial upload has
-/// another size than expected, 7 unsafe archive entries, others: failures (see stderr).
+/// another size than expected, 5 the upload could not be written, 7 unsafe archive entries,
+/// 9 no such directory (fetch), others: failures (see stderr). Uploads of one file take a
+/// `flock` on `<incoming>.lock` when the remote has flock, so concurrent uploads of the same
+/// package wait for each other instead of writing into the same file.
 const SCRIPT: &str = r#"
 CDPATH=
 umask 022

@@ -188,6 +188,7 @@ impl<'a> Executor<'a> {
             Step::WaitJob { timeout, pending_timeout } => self.wait_job(*timeout, *pending_timeout)?,
             Step::RemoteCoordinator { argv } => self.remote_coordinator(argv)?,
             Step::CancelJob => self.cancel_job()?,
+            Step::Prune => self.prune()?,
             Step::Lock { path, what } => {
                 let f = crate::proc::lock_file(path, what)?;
                 self.locks.push(f);
@@ -505,6 +506,54 @@ impl<'a> Executor<'a> {
             bail!("stop: could not stop {}\n  fix: kill them by PID (see run.json)", survivors.join(", "));
         }
         Ok(())
+    }
+
+    /// Releases and images that running deployments of this target use.
+    fn in_use(&self) -> (Vec<String>, Vec<String>) {
+        let mut releases = vec![];
+        let mut images = vec![];
+        if let Some(id) = crate::runstate::current(&self.cfg.root, &self.cfg.target) {
+            if let Ok(r) = crate::runstate::Run::open(&self.cfg.root, &id) {
+                let name = |p: &Option<String>| p.as_deref().and_then(|p| p.rsplit('/').next()).map(str::to_string);
+                releases.extend(name(&r.record.release));
+                images.extend(name(&r.record.image));
+            }
+        }
+        (releases, images)
+    }
+
+    fn prune(&mut self) -> Result<()> {
+        let (keep_releases, keep_images) = self.in_use();
+        let removed = if self.is_remote() {
+            let remote_dir = self.cfg.remote_dir.clone();
+            crate::transfer::prune(self.session()?, &remote_dir, &keep_releases, &keep_images)?
+        } else {
+            let mut removed = vec![];
+            let releases = Utf8PathBuf::from(crate::stages::upload::releases_dir(self.cfg));
+            if let Ok(rd) = releases.read_dir_utf8() {
+                for e in rd.flatten() {
+                    if !keep_releases.iter().any(|k| k == e.file_name()) {
+                        std::fs::remove_dir_all(e.path()).with_context(|| format!("clean: cannot remove {}", e.path()))?;
+                        removed.push(e.path().to_string());
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(Utf8PathBuf::from(&self.cfg.remote_dir).join(".keep"));
+            removed
+        };
+        ui::info(&format!("pruned {} entries (kept {} in use)", removed.len(), keep_releases.len() + keep_images.len()));
+        for r in &removed {
+            ui::detail(&format!("removed {r}"));
+        }
+        // The target state names what was just removed; forget it so `start` asks for an upload.
+        let mut st = TargetState::load(&self.cfg.root, &self.cfg.target);
+        if st.release.as_deref().is_some_and(|r| !keep_releases.iter().any(|k| r.ends_with(k.as_str()))) {
+            st.release = None;
+        }
+        if st.image.as_deref().is_some_and(|i| !keep_images.iter().any(|k| i.ends_with(k.as_str()))) {
+            st.image = None;
+        }
+        st.save(&self.cfg.root, &self.cfg.target)
     }
 
     /// Marks the run finished with its outcome and exit code.
