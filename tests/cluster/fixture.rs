@@ -76,6 +76,12 @@ extern "C" fn teardown() {
 pub fn testbed() -> &'static Testbed {
     static TB: OnceLock<Testbed> = OnceLock::new();
     TB.get_or_init(|| {
+        // One test process at a time owns this testbed; the lock ends with the process.
+        use std::os::unix::io::AsRawFd;
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/tmp/daphne-testbed-tests.lock").unwrap();
+        // SAFETY: flock on a descriptor we own, kept open until exit.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        std::mem::forget(lock);
         let _ = xtask().args(["testbed", "down"]).output();
         // SAFETY: registering a plain extern "C" function with atexit.
         unsafe { libc::atexit(teardown) };

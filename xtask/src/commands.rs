@@ -78,8 +78,10 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     }
     if let Command::Status = cmd {
         let run = open_current(root, g)?;
-        if cfg.scheduler == config::Scheduler::Slurm {
-            return Executor::new(&cfg, &facts, run).remote_status();
+        match cfg.scheduler {
+            config::Scheduler::Slurm => return Executor::new(&cfg, &facts, run).remote_status(),
+            config::Scheduler::Ssh => return Executor::new(&cfg, &facts, run).ssh_status(),
+            config::Scheduler::Local => {}
         }
         return status(&cfg, &run);
     }

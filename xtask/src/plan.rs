@@ -160,6 +160,12 @@ pub enum Step {
     RemoteCoordinator { argv: Vec<Arg> },
     /// `scancel` the workers' job by its id and wait until it has ended.
     CancelJob,
+    /// Start worker k over ssh on `host` as its own process group; record its PID.
+    SshWorker { index: usize, host: String, argv: Vec<Arg> },
+    /// Poll every host until each worker has printed its Started line; fail when one exits.
+    WaitSsh { timeout: Duration },
+    /// Stop exactly the recorded process groups on every host.
+    StopSsh,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -256,6 +262,12 @@ impl fmt::Display for Step {
                 write!(f, "on the login host: {}    [log: coordinator.out, coordinator.err]", render_cmd(&c))
             }
             Step::CancelJob => write!(f, "scancel <job-id>; wait until the job has ended"),
+            Step::SshWorker { index, host, argv } => {
+                let c = Cmd { argv: argv.clone(), env: vec![], cwd: None };
+                write!(f, "on {host}: setsid {} &    [worker {index}; log: worker-{index}.out, worker-{index}.err; pid recorded]", render_cmd(&c))
+            }
+            Step::WaitSsh { timeout } => write!(f, "poll every host until each worker has printed its Started line (timeout {}s)", timeout.as_secs()),
+            Step::StopSsh => write!(f, "on every host: SIGTERM, then SIGKILL after 5s, to each recorded process group"),
             Step::WriteFile { path, contents } => write!(f, "write {path} ({} lines)", contents.lines().count()),
             Step::BuildImage { cmd, partial, sif } => {
                 write!(f, "$ {}    [log: image-build.log]\n      rename {} -> {sif}", render_cmd(cmd), render_quoted(partial))

@@ -5,7 +5,7 @@
 use crate::config::Ssh;
 use crate::quote;
 use anyhow::{bail, Context, Result};
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8PathBuf;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
@@ -175,14 +175,28 @@ pub fn ssh_error(cfg: &Ssh, stderr: &str) -> anyhow::Error {
     anyhow::anyhow!("{}: {last}\n  fix: {fix}", what.replace("{host}", host))
 }
 
-/// The `-e` argument of rsync: ssh with this session's options, quoted for rsync's parser.
+/// The `-e` argument of rsync: ssh with this session's options, quoted for rsync's own
+/// parser, which splits on spaces and honours single quotes, where `''` stands for one quote
+/// (it knows no backslash escapes, so `quote::quote` would not do).
 pub fn rsync_rsh(session: &Session) -> String {
     let mut a = vec!["ssh".to_string()];
     a.extend(session.options());
-    quote::display(&a)
+    a.iter().map(|w| rsync_quote(w)).collect::<Vec<_>>().join(" ")
 }
 
-/// Whether a local path is on this machine (for messages).
-pub fn is_local(p: &Utf8Path) -> bool {
-    p.exists()
+fn rsync_quote(w: &str) -> String {
+    if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rsync_quoting_doubles_single_quotes() {
+        assert_eq!(super::rsync_quote("ControlPath=/tmp/dx-1/cm"), "ControlPath=/tmp/dx-1/cm");
+        assert_eq!(super::rsync_quote("/keys/it's mine"), "'/keys/it''s mine'");
+    }
 }

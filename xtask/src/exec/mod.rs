@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 mod remote;
+mod sshmode;
 
 /// The coordinator ended with a non-zero exit code, which becomes the tool's.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub struct Executor<'a> {
     pub ssh: Option<crate::ssh::Session>,
     /// Locks held until the current stage ends.
     locks: Vec<std::fs::File>,
+    /// Sessions to the peer hosts of the ssh scheduler, one handshake per host.
+    peer_sessions: HashMap<String, crate::ssh::Session>,
 }
 
 impl<'a> Executor<'a> {
@@ -64,7 +67,7 @@ impl<'a> Executor<'a> {
             vars.insert(Var::RemoteRunDir, d.clone());
         }
         vars.insert(Var::RunId, run.id().to_string());
-        Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None, locks: vec![] }
+        Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None, locks: vec![], peer_sessions: HashMap::new() }
     }
 
     /// The ssh session to the target's login host.
@@ -74,6 +77,10 @@ impl<'a> Executor<'a> {
             self.ssh = Some(crate::ssh::Session::new(cfg)?);
         }
         Ok(self.ssh.as_ref().expect("just set"))
+    }
+
+    fn is_ssh(&self) -> bool {
+        self.cfg.scheduler == crate::config::Scheduler::Ssh
     }
 
     fn is_remote(&self) -> bool {
@@ -179,6 +186,7 @@ impl<'a> Executor<'a> {
             Step::SpawnWorker { index, host, cmd } => self.spawn_worker(*index, host, cmd)?,
             Step::WaitReady { timeout } => self.wait_ready(*timeout)?,
             Step::Coordinator { cmd } => self.coordinator(cmd)?,
+            Step::CollectLogs if self.is_ssh() => self.collect_ssh_logs()?,
             Step::CollectLogs if self.is_remote() => self.collect_remote_logs()?,
             Step::CollectLogs => self.collect_logs()?,
             Step::StopWorkers { grace } => self.stop_workers(*grace)?,
@@ -189,6 +197,9 @@ impl<'a> Executor<'a> {
             Step::RemoteCoordinator { argv } => self.remote_coordinator(argv)?,
             Step::CancelJob => self.cancel_job()?,
             Step::Prune => self.prune()?,
+            Step::SshWorker { index, host, argv } => self.ssh_worker(*index, host, argv)?,
+            Step::WaitSsh { timeout } => self.wait_ssh(*timeout)?,
+            Step::StopSsh => self.stop_ssh()?,
             Step::Lock { path, what } => {
                 let f = crate::proc::lock_file(path, what)?;
                 self.locks.push(f);
@@ -208,6 +219,7 @@ impl<'a> Executor<'a> {
                 let full = self.session()?.argv(&remote)?;
                 self.exec(&Cmd { argv: full.into_iter().map(Arg::Lit).collect(), env: vec![], cwd: None }, log)?;
             }
+            Step::RemoveRemote { .. } if self.is_ssh() => self.clean_ssh()?,
             Step::RemoveRemote { .. } if self.is_remote() => {
                 let remote_dir = self.cfg.remote_dir.clone();
                 let id = self.run.id().to_string();

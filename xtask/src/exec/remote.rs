@@ -69,6 +69,12 @@ impl NodeWatch {
         NodeWatch { abort, done, failed, thread: Some(thread) }
     }
 
+    /// A watch that watches nothing (schedulers without node states).
+    fn idle() -> NodeWatch {
+        use std::sync::{atomic::AtomicBool, Arc, Mutex};
+        NodeWatch { abort: Arc::new(AtomicBool::new(false)), done: Arc::new(AtomicBool::new(true)), failed: Arc::new(Mutex::new(None)), thread: None }
+    }
+
     /// Stops watching; the failed node, if one failed.
     fn stop(mut self) -> Option<String> {
         self.done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -86,6 +92,16 @@ fn sh(script: &str, args: &[&str]) -> Vec<String> {
 }
 
 impl Executor<'_> {
+    /// Hosts that receive uploads: the login host, plus every peer host for the ssh
+    /// scheduler without a shared filesystem.
+    fn upload_hosts(&self) -> Vec<String> {
+        if self.cfg.scheduler == crate::config::Scheduler::Ssh {
+            crate::stages::sshmode::upload_hosts(self.cfg)
+        } else {
+            vec![self.host()]
+        }
+    }
+
     pub(super) fn upload_image(&mut self) -> Result<()> {
         let sif = self.cfg.image.sif.clone();
         if !sif.is_file() {
@@ -93,13 +109,17 @@ impl Executor<'_> {
         }
         let hash = self.facts.definition.hash.clone();
         let remote_dir = self.cfg.remote_dir.clone();
-        let host = self.host();
-        let up = transfer::upload_image(self.session()?, &sif, &hash, &remote_dir, Method::Auto, &mut |_, _| {})?;
-        if up.skipped {
-            ui::info(&format!("image {hash} is already on {host}; nothing sent"));
-        } else {
-            ui::info(&format!("sent the image ({} bytes, {}) to {host} in {:.1}s", up.bytes_sent, up.method, up.seconds));
+        let mut last = None;
+        for host in self.upload_hosts() {
+            let up = transfer::upload_image(self.session_for(&host)?, &sif, &hash, &remote_dir, Method::Auto, &mut |_, _| {})?;
+            if up.skipped {
+                ui::info(&format!("image {hash} is already on {host}; nothing sent"));
+            } else {
+                ui::info(&format!("sent the image ({} bytes, {}) to {host} in {:.1}s", up.bytes_sent, up.method, up.seconds));
+            }
+            last = Some(up);
         }
+        let up = last.ok_or_else(|| anyhow!("upload: no host to upload to"))?;
         self.vars.insert(Var::Image, up.remote_path.clone());
         self.run.record.image = Some(up.remote_path.clone());
         let mut st = TargetState::load(&self.cfg.root, &self.cfg.target);
@@ -111,14 +131,18 @@ impl Executor<'_> {
     pub(super) fn upload_release(&mut self) -> Result<()> {
         let pkg = self.resolve(&Arg::Var(Var::Package))?;
         let remote_dir = self.cfg.remote_dir.clone();
-        let host = self.host();
-        let up = transfer::upload_release(self.session()?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |_, _| {})?;
-        if up.skipped {
-            ui::info(&format!("release {} is already complete on {host}; 0 payload bytes sent", up.remote_path));
-        } else {
-            ui::info(&format!("sent {} bytes by {} to {host} in {:.1}s; installed {}", up.bytes_sent, up.method, up.seconds, up.remote_path));
+        let mut last = None;
+        for host in self.upload_hosts() {
+            let up = transfer::upload_release(self.session_for(&host)?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |_, _| {})?;
+            if up.skipped {
+                ui::info(&format!("release {} is already complete on {host}; 0 payload bytes sent", up.remote_path));
+            } else {
+                ui::info(&format!("sent {} bytes by {} to {host} in {:.1}s; installed {}", up.bytes_sent, up.method, up.seconds, up.remote_path));
+            }
+            self.run.record.upload_bytes += up.bytes_sent;
+            last = Some(up);
         }
-        self.run.record.upload_bytes += up.bytes_sent;
+        let up = last.ok_or_else(|| anyhow!("upload: no host to upload to"))?;
         self.vars.insert(Var::Release, up.remote_path.clone());
         self.run.record.release = Some(up.remote_path.clone());
         let mut st = TargetState::load(&self.cfg.root, &self.cfg.target);
@@ -327,8 +351,9 @@ impl Executor<'_> {
         let stem = if n == 0 { "coordinator".to_string() } else { format!("coordinator-{}", n + 1) };
         let out = self.run.path(&format!("{stem}.out"));
         let err = self.run.path(&format!("{stem}.err"));
+        let slurm = self.cfg.scheduler == crate::config::Scheduler::Slurm;
         let nodes = self.run.record.nodes.join(",");
-        let watch = NodeWatch::start(self.session()?.argv(&sinfo_argv(&nodes))?);
+        let watch = if slurm { NodeWatch::start(self.session()?.argv(&sinfo_argv(&nodes))?) } else { NodeWatch::idle() };
         let result = proc::run_logged_with(c, &out, &err, Echo::Stream, None, None, Some(&watch.abort));
         let failed_node = watch.stop();
         let (code, secs) = match &result {
@@ -340,6 +365,10 @@ impl Executor<'_> {
         let done = result?;
         if let Some(node) = failed_node {
             bail!("run: node {node} failed during the run; the coordinator was stopped after {secs:.1}s\n  its output: {out} and {err}");
+        }
+        if done.code != 0 && !slurm {
+            ui::error(&format!("the coordinator exited with code {}; its output: {out} and {err}", done.code));
+            return Err(CoordinatorFailed(done.code).into());
         }
         if done.code != 0 {
             let p = self.poll().ok();

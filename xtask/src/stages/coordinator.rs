@@ -64,6 +64,11 @@ pub fn plan(cfg: &Config, facts: &Facts, script: &Script, args: &[String]) -> Re
             Arg::Var(Var::Script)
         }
     };
+    if cfg.scheduler == crate::config::Scheduler::Ssh {
+        let argv = crate::stages::sshmode::coordinator_argv(cfg, facts, script_arg, args);
+        steps.push(Step::RemoteCoordinator { argv });
+        return Ok(Stage::run("run", format!("coordinator on the login host against {} workers", cfg.workers), steps));
+    }
     if cfg.scheduler == crate::config::Scheduler::Slurm {
         let argv = crate::stages::slurm::coordinator_argv(cfg, facts, script_arg, args);
         steps.push(Step::RemoteCoordinator { argv });

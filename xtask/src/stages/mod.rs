@@ -10,4 +10,5 @@ pub mod facts;
 pub mod image;
 pub mod payload;
 pub mod slurm;
+pub mod sshmode;
 pub mod workers;

@@ -8,7 +8,7 @@
 //! nodes are rarely reachable from outside). The coordinator runs as a separate step of the
 //! same allocation (`srun --jobid=ID --overlap`) with its own limits.
 
-use crate::config::{Advertise, Config, Ports, Scheduler};
+use crate::config::{Advertise, Config, Ports};
 use crate::plan::{Arg, Stage, Step, Var};
 use crate::quote;
 use crate::stages::facts::Facts;
@@ -168,10 +168,6 @@ pub fn coordinator_argv(cfg: &Config, facts: &Facts, script: Arg, args: &[String
     a.push(script);
     a.extend(args.iter().map(|x| Arg::lit(x.clone())));
     a
-}
-
-pub fn is_slurm(cfg: &Config) -> bool {
-    cfg.scheduler == Scheduler::Slurm
 }
 
 pub fn plan_upload(cfg: &Config, facts: &Facts) -> Stage {

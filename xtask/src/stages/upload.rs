@@ -5,7 +5,7 @@
 
 use crate::config::{Config, Scheduler};
 use crate::plan::{Stage, Step};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub fn releases_dir(cfg: &Config) -> String {
     format!("{}/releases", cfg.remote_dir.trim_end_matches('/'))
@@ -16,14 +16,10 @@ pub fn runs_dir(cfg: &Config) -> String {
 }
 
 pub fn plan(cfg: &Config, facts: &crate::stages::facts::Facts) -> Result<Stage> {
-    if cfg.scheduler == Scheduler::Slurm {
-        return Ok(crate::stages::slurm::plan_upload(cfg, facts));
-    }
-    if cfg.scheduler != Scheduler::Local {
-        bail!(
-            "upload: the `{}` scheduler's SSH transfer is not implemented in this version; only the `local` target deploys end to end\n  fix: use `--target local`",
-            match cfg.scheduler { Scheduler::Ssh => "ssh", _ => "slurm" }
-        );
+    match cfg.scheduler {
+        Scheduler::Slurm => return Ok(crate::stages::slurm::plan_upload(cfg, facts)),
+        Scheduler::Ssh => return Ok(crate::stages::sshmode::plan_upload(cfg, facts)),
+        Scheduler::Local => {}
     }
     Ok(Stage::run(
         "upload",

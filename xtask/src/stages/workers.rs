@@ -44,6 +44,9 @@ pub fn plan_start(cfg: &Config, facts: &Facts) -> Result<Stage> {
     if cfg.scheduler == Scheduler::Slurm {
         return Ok(crate::stages::slurm::plan_start(cfg));
     }
+    if cfg.scheduler == Scheduler::Ssh {
+        return Ok(crate::stages::sshmode::plan_start(cfg, facts));
+    }
     local_only(cfg, "start")?;
     let steps = (0..cfg.workers)
         .map(|k| {
@@ -62,6 +65,9 @@ pub fn plan_wait(cfg: &Config) -> Result<Stage> {
     if cfg.scheduler == Scheduler::Slurm {
         return Ok(crate::stages::slurm::plan_wait(cfg));
     }
+    if cfg.scheduler == Scheduler::Ssh {
+        return Ok(crate::stages::sshmode::plan_wait(cfg));
+    }
     local_only(cfg, "wait")?;
     Ok(Stage::run("wait", "readiness gate before the coordinator runs", vec![Step::WaitReady { timeout: cfg.ready_timeout }]))
 }
@@ -69,6 +75,9 @@ pub fn plan_wait(cfg: &Config) -> Result<Stage> {
 pub fn plan_stop(cfg: &Config) -> Result<Stage> {
     if cfg.scheduler == Scheduler::Slurm {
         return Ok(crate::stages::slurm::plan_stop());
+    }
+    if cfg.scheduler == Scheduler::Ssh {
+        return Ok(crate::stages::sshmode::plan_stop());
     }
     local_only(cfg, "stop")?;
     Ok(Stage::run("stop", "workers are stopped by their recorded process groups", vec![Step::StopWorkers { grace: STOP_GRACE }]))
