@@ -228,50 +228,48 @@ fn config_errors_name_file_line_and_key() {
     assert!(e.contains("bad.toml:2:") && e.contains("schedule.workers") && e.contains("fix:"), "{e}");
 }
 
-/// SIGINT or SIGTERM while the coordinator waits on frozen workers: the tool stops
-/// everything it started, keeps the logs, records the interruption and exits 128+signal.
-fn interrupted_deploy(sig: i32, want: i32) {
-    let runs = root().join("target/xtask/runs");
-    let before: std::collections::HashSet<PathBuf> = std::fs::read_dir(&runs).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+/// SIGINT or SIGTERM in the middle of a deploy (held before `stage` by the fault hook): the
+/// tool stops everything it started, keeps the logs, records the interruption and exits
+/// 128+signal.
+fn interrupted_deploy(sig: i32, want: i32, stage: &str) {
+    use std::io::BufRead;
     let mut child = xtask()
         .args(["deploy", "--workers", "2"])
+        .env("XTASK_HOLD_BEFORE", stage)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Find this deploy's run by its workers' parent: the workers are our child's children.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let (dir, worker_pids) = loop {
-        assert!(std::time::Instant::now() < deadline, "the deploy never started its workers");
-        let found = std::fs::read_dir(&runs).unwrap().flatten().filter(|e| !before.contains(&e.path())).find_map(|e| {
-            let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.path().join("run.json")).ok()?).ok()?;
-            let pids = pids(&rec);
-            let ours = pids.len() == 2 && pids.iter().all(|p| parent_of(*p) == Some(child.id() as i64));
-            ours.then(|| (e.path(), pids))
-        });
-        if let Some(f) = found {
-            break f;
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "deploy ended before holding at `{stage}`:\n{seen}");
+        seen.push_str(&line);
+        if line.contains(&format!("holding before `{stage}`")) {
+            break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    // Frozen workers still complete TCP handshakes (the kernel's backlog) but never answer,
-    // so the deploy is stuck in `wait` or `run` when the signal arrives.
-    for p in &worker_pids {
-        unsafe { libc::kill(*p as i32, libc::SIGSTOP) };
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
     unsafe { libc::kill(child.id() as i32, sig) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(want), "{stderr}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(want), "{seen}");
+    let dir = run_dir(&seen);
     let rec = record(&dir);
     assert_eq!(rec["outcome"], "interrupted", "{rec}");
     assert_eq!(rec["exit_code"], want);
-    for w in rec["workers"].as_array().unwrap() {
-        assert!(Path::new(w["stdout"].as_str().unwrap()).is_file(), "worker log missing");
-    }
     let stages: Vec<&str> = rec["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert!(stages.ends_with(&["logs", "stop", "clean"]), "cleanup did not run: {stages:?}");
+    let interrupted: Vec<&str> = rec["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "interrupted").map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(interrupted, [stage], "{rec}");
+    if matches!(stage, "wait" | "run") {
+        assert_eq!(rec["workers"].as_array().unwrap().len(), 2, "workers were started");
+        for w in rec["workers"].as_array().unwrap() {
+            assert!(Path::new(w["stdout"].as_str().unwrap()).is_file(), "worker log missing");
+        }
+    }
     assert_no_worker_left(&rec);
 }
 
@@ -282,12 +280,16 @@ fn parent_of(pid: i64) -> Option<i64> {
 
 #[test]
 fn sigint_during_a_deploy_cleans_up_and_exits_130() {
-    interrupted_deploy(libc::SIGINT, 130);
+    for stage in ["build", "package", "upload", "start", "wait", "run"] {
+        interrupted_deploy(libc::SIGINT, 130, stage);
+    }
 }
 
 #[test]
 fn sigterm_during_a_deploy_cleans_up_and_exits_143() {
-    interrupted_deploy(libc::SIGTERM, 143);
+    for stage in ["build", "package", "upload", "start", "wait", "run"] {
+        interrupted_deploy(libc::SIGTERM, 143, stage);
+    }
 }
 
 #[test]

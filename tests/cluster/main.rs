@@ -4,4 +4,5 @@
 
 mod fixture;
 mod slurm;
+mod sshmode;
 mod transfer;

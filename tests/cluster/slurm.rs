@@ -129,12 +129,14 @@ fn start_then_run_twice_then_stop() {
     assert_eq!(rec["coordinator_runs"].as_array().unwrap().len(), 2);
 }
 
-/// SIGINT or SIGTERM while `deploy` waits or runs: the job is cancelled, logs collected.
+/// SIGINT or SIGTERM when `deploy` is held (fault hook) before `wait` or `run`, with the job
+/// submitted: the job is cancelled, its processes are gone, the logs are collected.
 fn interrupt(sig: i32, want: i32, after: &str) {
     let tb = testbed();
     let _shared = crate::fixture::shared();
     let mut child = xtask()
         .args(["--target", TARGET, "deploy", "deploy/examples/sum.daph", "n=1000"])
+        .env("XTASK_HOLD_BEFORE", after)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -150,7 +152,7 @@ fn interrupt(sig: i32, want: i32, after: &str) {
             panic!("deploy ended before `{after}`:\n{seen}");
         }
         seen.push_str(&line);
-        if line.contains(after) {
+        if line.contains(&format!("holding before `{after}`")) {
             break;
         }
     }
@@ -174,12 +176,12 @@ fn interrupt(sig: i32, want: i32, after: &str) {
 
 #[test]
 fn sigint_during_wait_cancels_the_job() {
-    interrupt(libc::SIGINT, 130, "submitted job");
+    interrupt(libc::SIGINT, 130, "wait");
 }
 
 #[test]
 fn sigterm_during_run_cancels_the_job() {
-    interrupt(libc::SIGTERM, 143, "==> run:");
+    interrupt(libc::SIGTERM, 143, "run");
 }
 
 #[test]

@@ -70,6 +70,21 @@ impl<'a> Executor<'a> {
         Executor { cfg, facts, run, vars, script: None, cleaning: false, ssh: None, locks: vec![], peer_sessions: HashMap::new() }
     }
 
+    /// Fault-injection hook for tests and demos: with `XTASK_HOLD_BEFORE=<stage>[,<stage>]`
+    /// the run pauses before those stages until a signal arrives, so an interruption can be
+    /// placed in an exact phase. Never set in normal use.
+    fn hold_if_asked(&self, stage: &str) -> Result<()> {
+        let Ok(list) = std::env::var("XTASK_HOLD_BEFORE") else { return Ok(()) };
+        if self.cleaning || !list.split(',').any(|s| s.trim() == stage) {
+            return Ok(());
+        }
+        ui::info(&format!("holding before `{stage}` (XTASK_HOLD_BEFORE); waiting for a signal"));
+        loop {
+            signals::check()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The ssh session to the target's login host.
     pub fn session(&mut self) -> Result<&crate::ssh::Session> {
         if self.ssh.is_none() {
@@ -101,6 +116,13 @@ impl<'a> Executor<'a> {
     pub fn run_stage(&mut self, stage: &Stage) -> Result<()> {
         let start = Instant::now();
         let mut rec = StageRecord { name: stage.name.into(), ..Default::default() };
+        if let Err(e) = self.hold_if_asked(stage.name) {
+            rec.status = "interrupted".into();
+            rec.error = Some(e.to_string());
+            self.run.record.stages.push(rec);
+            self.run.save()?;
+            return Err(e);
+        }
         match &stage.decision {
             crate::plan::Decision::Skip(why) => {
                 ui::skip(stage.name, why);

@@ -25,14 +25,15 @@ done
 exit 0"#;
 
 /// Stops process groups: SIGTERM, up to 5 s, then SIGKILL. Prints `gone K` or `left K`.
+/// (`kill -SIG -PGID` without `--`: dash's kill rejects `--`.)
 pub const STOP_SCRIPT: &str = r#"while [ $# -ge 2 ]; do
   k=$1; pid=$2; shift 2
-  kill -TERM -- "-$pid" 2>/dev/null
+  kill -TERM "-$pid" 2>/dev/null
   i=0
-  while kill -0 -- "-$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-  kill -KILL -- "-$pid" 2>/dev/null
+  while kill -0 "-$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -KILL "-$pid" 2>/dev/null
   sleep 0.1
-  if kill -0 -- "-$pid" 2>/dev/null; then echo "left $k"; else echo "gone $k"; fi
+  if kill -0 "-$pid" 2>/dev/null; then echo "left $k"; else echo "gone $k"; fi
 done
 exit 0"#;
 
