@@ -199,3 +199,91 @@ fn two_concurrent_deploys_both_succeed() {
     assert_ne!(da, db);
     assert_ne!(record(&da)["job_ids"], record(&db)["job_ids"]);
 }
+
+/// A node crashes after the workers are up, just before the coordinator runs: the deploy
+/// fails within 15 s naming the node, the survivors' logs are collected, and no job is left.
+#[test]
+fn a_node_crash_during_run_fails_fast_naming_the_node() {
+    let tb = testbed();
+    // Alone: crashing a node disturbs every job on it.
+    let _alone = crate::fixture::exclusive();
+    let go = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let go_path = go.to_path_buf();
+    drop(go); // the file must not exist until the crash is done
+    let mut child = xtask()
+        .args(["--target", TARGET, "deploy", "deploy/examples/sum.daph", "n=1000"])
+        .env("XTASK_HOLD_BEFORE", "run")
+        .env("XTASK_HOLD_UNTIL", &go_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "deploy ended early:\n{seen}");
+        seen.push_str(&line);
+        if line.contains("holding before `run`") {
+            break;
+        }
+    }
+    tb.fault(&["crash", "node2"]);
+    let t0 = std::time::Instant::now();
+    std::fs::write(&go_path, b"go").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    let took = t0.elapsed();
+    let _ = std::fs::remove_file(&go_path);
+    // Bring the node back for the other tests before asserting anything.
+    tb.fault(&["restart-slurmd", "node2"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let st = text(&tb.on("login", &["sinfo", "-h", "-n", "node2", "-o", "%T"]).stdout);
+        if st.trim() == "idle" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!status.success(), "{seen}");
+    assert!(took < std::time::Duration::from_secs(15), "took {took:?} to fail:\n{seen}");
+    assert!(seen.contains("node2"), "the failure does not name node2:\n{seen}");
+    let dir = run_dir(&seen);
+    let rec = record(&dir);
+    assert_eq!(rec["outcome"], "failed");
+    // Survivors' logs: the workers on node1 and node3 wrote theirs.
+    let survivors = rec["workers"].as_array().unwrap().iter().filter(|w| w["host"] != "node2").count();
+    assert_eq!(survivors, 4, "{rec}");
+    for w in rec["workers"].as_array().unwrap().iter().filter(|w| w["host"] != "node2") {
+        let log = std::fs::read_to_string(w["stdout"].as_str().unwrap()).unwrap_or_default();
+        assert!(log.contains("Started Distributed Worker"), "survivor log missing: {w}");
+    }
+    let job = rec["job_ids"][0].as_str().unwrap();
+    assert_job_gone(tb, job);
+    assert_no_job_process(tb, job);
+}
+
+/// `--dist-backend MPI`: the job only holds the allocation and the coordinator's step launches
+/// every rank with `srun --mpi`. The stand-in has no MPI, so each rank reports that and exits
+/// 3; that every rank reported proves the launch (a real MPI DAPHNE is not testable here).
+#[test]
+fn mpi_backend_launches_every_rank_in_one_step() {
+    testbed();
+    let _shared = crate::fixture::shared();
+    let cfg = crate::fixture::root().join(format!("target/xtask/targets/{TARGET}.toml"));
+    let mut text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    text_cfg = text_cfg.replace("[schedule.slurm]\n", "[schedule.slurm]\nmpi = \"none\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mpi.toml");
+    std::fs::write(&f, text_cfg).unwrap();
+    let out = xtask().args(["--target", "tb-mpi", "--config", f.to_str().unwrap(), "--dist-backend", "MPI", "deploy", "deploy/examples/sum.daph", "n=10"]).output().unwrap();
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{e}");
+    assert!(e.contains("--mpi=none") && e.contains("--ntasks=6") && e.contains("--dist_backend=MPI"), "{e}");
+    assert_eq!(e.matches("built without MPI support").count(), 6, "every rank should report:\n{e}");
+    let rec = crate::fixture::newest_record("tb-mpi", "deploy");
+    assert_job_gone(testbed(), rec["job_ids"][0].as_str().unwrap());
+}

@@ -36,6 +36,9 @@ pub struct Global {
     /// Override the container runtime: auto, apptainer, singularity or host.
     #[arg(long, global = true, value_name = "RUNTIME")]
     pub runtime: Option<String>,
+    /// DAPHNE's distributed backend: sync-gRPC, async-gRPC, or MPI (workers as MPI ranks).
+    #[arg(long = "dist-backend", alias = "dist_backend", global = true, value_name = "BACKEND")]
+    pub dist_backend: Option<String>,
     /// Act on this run instead of the target's current deployment.
     #[arg(long = "run", global = true, value_name = "RUN_ID")]
     pub run_id: Option<String>,

@@ -50,7 +50,7 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
         Command::Start(w) | Command::Deploy { workers: w, .. } => w.clone(),
         _ => Workers::default(),
     };
-    let ov = Overrides { runtime: g.runtime.clone(), workers: workers.workers, peers: workers.peers, config_file: g.config.clone() };
+    let ov = Overrides { runtime: g.runtime.clone(), workers: workers.workers, peers: workers.peers, config_file: g.config.clone(), dist_backend: g.dist_backend.clone() };
     let cfg = config::load(root, &g.target, &ov)?;
     let facts = facts::gather(&cfg);
     if let Command::Singularity { check: true, .. } = cmd {

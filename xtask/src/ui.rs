@@ -105,3 +105,49 @@ impl Spinner {
 fn terminal_width() -> usize {
     std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100)
 }
+
+/// A one-line byte counter with rate (`12.3/45.6 MiB  78.9 MiB/s`) for transfers and
+/// packing; drawn only when stderr is a terminal and not quiet.
+pub struct ByteProgress {
+    label: String,
+    start: std::time::Instant,
+    last_draw: Option<std::time::Instant>,
+    enabled: bool,
+}
+
+impl ByteProgress {
+    pub fn new(label: &str) -> ByteProgress {
+        ByteProgress { label: label.into(), start: std::time::Instant::now(), last_draw: None, enabled: normal() && std::io::stderr().is_terminal() }
+    }
+
+    pub fn update(&mut self, done: u64, total: u64) {
+        if !self.enabled || self.last_draw.is_some_and(|t| t.elapsed().as_millis() < 100) {
+            return;
+        }
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        eprint!("\r\x1b[2K    {} {:.1}/{:.1} MiB  {:.1} MiB/s", self.label, mib(done), mib(total), mib(done) / secs);
+        self.last_draw = Some(std::time::Instant::now());
+    }
+
+    pub fn finish(&mut self) {
+        if self.enabled && self.last_draw.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+/// `1.5 MiB`, `980 B`.
+pub fn bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// `78.9 MiB/s`.
+pub fn rate(b: u64, secs: f64) -> String {
+    format!("{}/s", bytes((b as f64 / secs.max(1e-3)) as u64))
+}

@@ -202,6 +202,7 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub peers: Option<String>,
     pub config_file: Option<Utf8PathBuf>,
+    pub dist_backend: Option<String>,
 }
 
 pub const DEFAULT_DOCKER_IMAGE: &str = "docker://daphneeu/daphne-dev";
@@ -683,10 +684,14 @@ impl Validator<'_> {
     }
 
     fn run(&self, f: &TargetFile) -> Result<RunCfg, ConfigError> {
-        let backend = match &f.run.dist_backend {
+        let backend = match (&self.ov.dist_backend, &f.run.dist_backend) {
+            (Some(b), _) if ["sync-gRPC", "async-gRPC", "MPI"].contains(&b.as_str()) => b.clone(),
+            (Some(b), _) => return Err(self.flag_err("--dist-backend", format!("unknown backend `{b}`"), "use sync-gRPC, async-gRPC or MPI")),
+            (None, b) => match b {
             None => "sync-gRPC".to_string(),
             Some(b) if ["sync-gRPC", "async-gRPC", "MPI"].contains(&b.get_ref().as_str()) => b.get_ref().clone(),
             Some(b) => return Err(self.err(b, "run.dist_backend", format!("unknown backend `{}`", b.get_ref()), "use `sync-gRPC`, `async-gRPC` or `MPI`")),
+            },
         };
         for a in &f.run.args {
             if !a.contains('=') {

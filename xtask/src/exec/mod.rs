@@ -71,16 +71,21 @@ impl<'a> Executor<'a> {
     }
 
     /// Fault-injection hook for tests and demos: with `XTASK_HOLD_BEFORE=<stage>[,<stage>]`
-    /// the run pauses before those stages until a signal arrives, so an interruption can be
-    /// placed in an exact phase. Never set in normal use.
+    /// the run pauses before those stages until a signal arrives (or the file named by
+    /// `XTASK_HOLD_UNTIL` exists), so a fault can be placed in an exact phase. Never set in
+    /// normal use.
     fn hold_if_asked(&self, stage: &str) -> Result<()> {
         let Ok(list) = std::env::var("XTASK_HOLD_BEFORE") else { return Ok(()) };
         if self.cleaning || !list.split(',').any(|s| s.trim() == stage) {
             return Ok(());
         }
-        ui::info(&format!("holding before `{stage}` (XTASK_HOLD_BEFORE); waiting for a signal"));
+        let until = std::env::var("XTASK_HOLD_UNTIL").ok();
+        ui::info(&format!("holding before `{stage}` (XTASK_HOLD_BEFORE); waiting for a signal{}", until.as_deref().map(|f| format!(" or {f}")).unwrap_or_default()));
         loop {
             signals::check()?;
+            if until.as_deref().is_some_and(|f| Utf8Path::new(f).exists()) {
+                return Ok(());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

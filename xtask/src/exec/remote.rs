@@ -111,11 +111,13 @@ impl Executor<'_> {
         let remote_dir = self.cfg.remote_dir.clone();
         let mut last = None;
         for host in self.upload_hosts() {
-            let up = transfer::upload_image(self.session_for(&host)?, &sif, &hash, &remote_dir, Method::Auto, &mut |_, _| {})?;
+            let mut bar = ui::ByteProgress::new(&format!("image to {host}"));
+            let up = transfer::upload_image(self.session_for(&host)?, &sif, &hash, &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t))?;
+            bar.finish();
             if up.skipped {
                 ui::info(&format!("image {hash} is already on {host}; nothing sent"));
             } else {
-                ui::info(&format!("sent the image ({} bytes, {}) to {host} in {:.1}s", up.bytes_sent, up.method, up.seconds));
+                ui::info(&format!("sent the image ({}, {}) to {host} in {:.1}s ({})", ui::bytes(up.bytes_sent), up.method, up.seconds, ui::rate(up.bytes_sent, up.seconds)));
             }
             last = Some(up);
         }
@@ -133,11 +135,13 @@ impl Executor<'_> {
         let remote_dir = self.cfg.remote_dir.clone();
         let mut last = None;
         for host in self.upload_hosts() {
-            let up = transfer::upload_release(self.session_for(&host)?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |_, _| {})?;
+            let mut bar = ui::ByteProgress::new(&format!("package to {host}"));
+            let up = transfer::upload_release(self.session_for(&host)?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t))?;
+            bar.finish();
             if up.skipped {
                 ui::info(&format!("release {} is already complete on {host}; 0 payload bytes sent", up.remote_path));
             } else {
-                ui::info(&format!("sent {} bytes by {} to {host} in {:.1}s; installed {}", up.bytes_sent, up.method, up.seconds, up.remote_path));
+                ui::info(&format!("sent {} by {} to {host} in {:.1}s ({}); installed {}", ui::bytes(up.bytes_sent), up.method, up.seconds, ui::rate(up.bytes_sent, up.seconds), up.remote_path));
             }
             self.run.record.upload_bytes += up.bytes_sent;
             last = Some(up);
@@ -257,6 +261,12 @@ impl Executor<'_> {
                     p.reason
                 );
             }
+            if p.state == "RUNNING" && slurm::is_mpi(self.cfg) {
+                let nodes = p.nodes.clone();
+                self.run.record.nodes = vec![nodes.clone()];
+                ui::info(&format!("allocation running on {nodes}; the MPI ranks start with `run`"));
+                return self.run.save();
+            }
             if p.state == "RUNNING" {
                 let since = *running_since.get_or_insert_with(Instant::now);
                 let bad = self.bad_nodes(&p.nodes)?;
@@ -322,7 +332,7 @@ impl Executor<'_> {
     }
 
     pub(super) fn remote_coordinator(&mut self, argv: &[Arg]) -> Result<()> {
-        if self.run.record.peers.is_empty() {
+        if self.run.record.peers.is_empty() && !slurm::is_mpi(self.cfg) {
             bail!("run: no workers are ready for target `{}`\n  fix: run `cargo xtask start` and `cargo xtask wait` first", self.cfg.target);
         }
         let dir = self.remote_run_dir()?;
@@ -351,7 +361,7 @@ impl Executor<'_> {
         let stem = if n == 0 { "coordinator".to_string() } else { format!("coordinator-{}", n + 1) };
         let out = self.run.path(&format!("{stem}.out"));
         let err = self.run.path(&format!("{stem}.err"));
-        let slurm = self.cfg.scheduler == crate::config::Scheduler::Slurm;
+        let slurm = self.cfg.scheduler == crate::config::Scheduler::Slurm && !slurm::is_mpi(self.cfg);
         let nodes = self.run.record.nodes.join(",");
         let watch = if slurm { NodeWatch::start(self.session()?.argv(&sinfo_argv(&nodes))?) } else { NodeWatch::idle() };
         let result = proc::run_logged_with(c, &out, &err, Echo::Stream, None, None, Some(&watch.abort));
@@ -372,14 +382,34 @@ impl Executor<'_> {
         }
         if done.code != 0 {
             let p = self.poll().ok();
-            let bad = p.as_ref().map(|p| self.bad_nodes(&p.nodes).unwrap_or_default()).unwrap_or_default();
+            let mut bad = p.as_ref().map(|p| self.bad_nodes(&p.nodes).unwrap_or_default()).unwrap_or_default();
+            if bad.is_empty() {
+                bad = self.unreachable_workers().unwrap_or_default();
+            }
             if !bad.is_empty() {
-                ui::error(&format!("node {} failed during the run", bad.join(", ")));
+                self.run.record.error = Some(format!("node failure: {}", bad.join(", ")));
+                self.run.save()?;
+                bail!(
+                    "run: the coordinator failed (exit code {}) because workers are gone: {}; the node failed or lost its network\n  its output: {out} and {err}",
+                    done.code,
+                    bad.join(", ")
+                );
             }
             ui::error(&format!("the coordinator exited with code {}; its output: {out} and {err}", done.code));
             return Err(CoordinatorFailed(done.code).into());
         }
         Ok(())
+    }
+
+    /// Which workers no longer accept connections, probed from inside the allocation (compute
+    /// nodes reach each other even where the login host cannot reach them).
+    fn unreachable_workers(&mut self) -> Result<Vec<String>> {
+        let job = self.job()?;
+        let probe = r#"for a in "$@"; do h=${a%:*}; p=${a##*:}; timeout 3 bash -c "exec 3<>/dev/tcp/$h/$p" 2>/dev/null || echo "$a"; done; exit 0"#;
+        let mut argv: Vec<String> = ["srun", &format!("--jobid={job}"), "--overlap", "--nodes=1", "--ntasks=1", "--quiet", "bash", "-c", probe, "probe"].map(String::from).to_vec();
+        argv.extend(self.run.record.peers.iter().cloned());
+        let out = self.session()?.run(&argv)?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).map(|a| format!("{} ({a})", a.rsplit_once(':').map_or(a, |(h, _)| h))).collect())
     }
 
     pub(super) fn cancel_job(&mut self) -> Result<()> {

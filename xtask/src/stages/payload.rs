@@ -149,5 +149,14 @@ pub fn pack(cfg: &Config, facts: &Facts, build_dir: &Utf8Path, out_dir: &Utf8Pat
         target: cfg.target.clone(),
         out_dir: out_dir.to_owned(),
     };
-    package::pack(&spec, &mut |_, _| {})
+    let mut bar = crate::ui::ByteProgress::new("packing");
+    let started = std::time::Instant::now();
+    let packed = package::pack(&spec, &mut |d, t| bar.update(d, t));
+    bar.finish();
+    let packed = packed?;
+    if !packed.skipped {
+        let input: u64 = spec.entries.iter().filter_map(|e| e.source.metadata().ok()).map(|m| m.len()).sum();
+        crate::ui::detail(&format!("packed {} in {:.2}s ({})", crate::ui::bytes(input), started.elapsed().as_secs_f64(), crate::ui::rate(input, started.elapsed().as_secs_f64())));
+    }
+    Ok(packed)
 }
