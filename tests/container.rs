@@ -82,6 +82,8 @@ fn compiles_inside_the_container_and_skips_when_unchanged() {
 #[test]
 fn only_worker_rebuilds_one_target() {
     image();
+    // Both targets built once (in a fresh clone nothing is), then only the worker again.
+    run_ok(&["--target", TARGET, "build"]);
     let out = run_ok(&["--target", TARGET, "build", "--only", "worker"]);
     let e = text(&out.stderr);
     assert!(e.contains("--target DistributedWorker") && !e.contains("--target daphne"), "{e}");
@@ -184,6 +186,7 @@ fn manifest_of(stderr: &str) -> serde_json::Value {
 #[test]
 fn the_package_records_the_image_and_can_carry_the_sif() {
     image();
+    run_ok(&["--target", TARGET, "build"]);
     let out = run_ok(&["--target", TARGET, "package"]);
     let m = manifest_of(&text(&out.stderr));
     let hash = m["image"]["hash"].as_str().expect("image hash in the manifest").to_string();

@@ -79,6 +79,7 @@ impl OwnTarget {
 #[test]
 fn upload_installs_a_verified_release_once() {
     let t = OwnTarget::new("once");
+    t.ok(&["build"]);
     t.ok(&["package"]);
     let first = t.ok(&["upload"]);
     let e = text(&first.stderr);
@@ -109,6 +110,7 @@ fn upload_installs_a_verified_release_once() {
 #[test]
 fn upload_to_an_unreachable_host_names_it() {
     let t = OwnTarget::new("unreachable");
+    t.ok(&["build"]);
     t.ok(&["package"]);
     let text_now = std::fs::read_to_string(&t.file).unwrap();
     let login = testbed().get("LOGIN_ADDR").to_string();
@@ -138,6 +140,7 @@ fn upload_to_an_unreachable_host_names_it() {
 #[test]
 fn clean_all_prunes_releases_and_leftovers() {
     let t = OwnTarget::new("prune");
+    t.ok(&["build"]);
     t.ok(&["package"]);
     t.ok(&["upload"]);
     assert_eq!(t.complete().len(), 1);
