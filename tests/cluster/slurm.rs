@@ -238,8 +238,9 @@ fn a_node_crash_during_run_fails_fast_naming_the_node() {
     let status = child.wait().unwrap();
     let took = t0.elapsed();
     let _ = std::fs::remove_file(&go_path);
-    // Bring the node back for the other tests before asserting anything.
+    // Bring the node back (slurmd and its sshd) for the other tests before asserting anything.
     tb.fault(&["restart-slurmd", "node2"]);
+    tb.fault(&["restart-sshd", "node2"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         let st = text(&tb.on("login", &["sinfo", "-h", "-n", "node2", "-o", "%T"]).stdout);
