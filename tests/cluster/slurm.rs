@@ -288,3 +288,25 @@ fn mpi_backend_launches_every_rank_in_one_step() {
     let rec = crate::fixture::newest_record("tb-mpi", "deploy");
     assert_job_gone(testbed(), rec["job_ids"][0].as_str().unwrap());
 }
+
+/// `advertise = "interface:eth0"`: the peers are the nodes' addresses on that interface.
+#[test]
+fn workers_advertise_the_address_of_a_named_interface() {
+    let tb = testbed();
+    let _shared = crate::fixture::shared();
+    let cfg = crate::fixture::root().join(format!("target/xtask/targets/{TARGET}.toml"));
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace("[schedule]\n", "[schedule]\nadvertise = \"interface:eth0\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("iface.toml");
+    std::fs::write(&f, text_cfg).unwrap();
+    let out = xtask().args(["--target", "tb-iface", "--config", f.to_str().unwrap(), "deploy", "deploy/examples/sum.daph", "n=100"]).output().unwrap();
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{e}");
+    assert!(o.lines().any(|l| l == "result: 338350"), "{o}");
+    let rec = record(&run_dir(&e));
+    let addrs: Vec<String> = tb.get("NODE_ADDRS").split(',').map(str::to_string).collect();
+    for p in rec["peers"].as_array().unwrap() {
+        let host = p.as_str().unwrap().split(':').next().unwrap();
+        assert!(addrs.iter().any(|a| a == host), "peer {p} is not a node address ({addrs:?})");
+    }
+}

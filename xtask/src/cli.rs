@@ -147,6 +147,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 300)]
         size_mb: u64,
     },
+    /// Time to all workers ready, few vs many workers per node (use --target testbed).
+    Readiness {
+        #[arg(long, default_value_t = 1)]
+        small: u32,
+        #[arg(long, default_value_t = 16)]
+        large: u32,
+    },
+    /// A first deploy from a clean state vs a redeploy with nothing changed (use --target testbed).
+    Redeploy,
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -38,10 +38,18 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
                 T::Fault { args } => crate::testbed::fault(root, args),
             };
         }
-        Command::Bench { which: crate::cli::Bench::Package { size_mb } } => {
-            let work = crate::paths::state_dir(root).join("bench");
-            std::fs::create_dir_all(&work)?;
-            println!("{}", crate::package::bench::bench_package(&work, *size_mb)?);
+        Command::Bench { which } => {
+            use crate::cli::Bench as B;
+            let report = match which {
+                B::Package { size_mb } => {
+                    let work = crate::paths::state_dir(root).join("bench");
+                    std::fs::create_dir_all(&work)?;
+                    crate::package::bench::bench_package(&work, *size_mb)?.to_string()
+                }
+                B::Readiness { small, large } => crate::bench::readiness(root, &g.target, *small, *large)?,
+                B::Redeploy => crate::bench::redeploy(root, &g.target)?,
+            };
+            println!("{report}");
             return Ok(());
         }
         _ => {}

@@ -1,5 +1,6 @@
 //! `cargo xtask`: build DAPHNE in Singularity/Apptainer and deploy it to SLURM clusters.
 
+mod bench;
 mod cli;
 mod commands;
 mod config;
