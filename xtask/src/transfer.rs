@@ -128,6 +128,8 @@ install_release() {
 }
 install_image() {
   chmod 644 -- "$f" && mv -f -- "$f" "$d/images/$n" || exit 1
+  # The verified sha256 beside the image, so later probes need not hash 100s of MB again.
+  printf '%s\n' "$want" > "$d/images/$n.sha256.tmp" && mv -f -- "$d/images/$n.sha256.tmp" "$d/images/$n.sha256"
   rec installed 1; exit 0
 }
 op=$1; shift
@@ -143,7 +145,11 @@ image-probe)
   base "$d"; cd -- "$d" || exit 1
   rec abs "$PWD"
   if [ -f "images/$n" ] && [ "$(size_of "images/$n")" = "$size" ]; then
-    got=$(sha256sum < "images/$n") && rec have "${got%% *}"
+    if [ -s "images/$n.sha256" ] && ! [ "images/$n" -nt "images/$n.sha256" ]; then
+      rec have "$(head -c 64 "images/$n.sha256")"
+    else
+      got=$(sha256sum < "images/$n") && rec have "${got%% *}"
+    fi
   fi
   caps; partial "images/.incoming/$n" "$size" ;;
 append|install)
@@ -195,7 +201,7 @@ prune)
     case $e in
       releases/.*|images/.*) ;;
       releases/*) case $krel in *"/$nm/"*) continue ;; esac ;;
-      images/*) case $kimg in *"/$nm/"*) continue ;; esac ;;
+      images/*) case $kimg in *"/$nm/"*|*"/${nm%.sha256}/"*) continue ;; esac ;;
     esac
     rm -rf -- "$e" || exit 1
     printf '%s\0' "$e"
@@ -507,7 +513,7 @@ fn upload_image_with(
     let name = if image_hash.ends_with(".sif") { image_hash.to_string() } else { format!("{image_hash}.sif") };
     let local = absolute(sif)?;
     let size = std::fs::metadata(&local).with_context(|| format!("cannot read the image {sif}"))?.len();
-    let sha256 = crate::package::sha256_file(&local)?;
+    let sha256 = cached_sha256(&local)?;
     let r = Remote::new(s);
     let dir = dir_arg(remote_dir)?;
     let probe = r.call("image-probe", &[&dir, &name, &size.to_string()])?;
@@ -526,6 +532,25 @@ fn upload_image_with(
     let bytes_sent = send_and_install(&r, &job, m, partial, opts, progress)?;
     let up = Uploaded { remote_path, bytes_sent, skipped: false, method: method_name(m), seconds: t0.elapsed().as_secs_f64() };
     Ok((up, r.calls.get()))
+}
+
+/// The sha256 of a large local file (the SIF), cached in `<file>.sha256` beside it together
+/// with the size and mtime it was computed for, so an unchanged image is hashed once.
+fn cached_sha256(path: &Utf8Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {path}"))?;
+    let stamp = format!("{} {}.{}", meta.len(), meta.mtime(), meta.mtime_nsec());
+    let cache = Utf8PathBuf::from(format!("{path}.sha256"));
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Some((sha, rest)) = text.trim().split_once(' ') {
+            if rest == stamp && sha.len() == 64 {
+                return Ok(sha.to_string());
+            }
+        }
+    }
+    let sha = crate::package::sha256_file(path)?;
+    let _ = crate::runstate::write_atomic(&cache, format!("{sha} {stamp}\n").as_bytes());
+    Ok(sha)
 }
 
 fn method_name(m: Method) -> &'static str {

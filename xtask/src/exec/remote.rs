@@ -429,7 +429,7 @@ impl Executor<'_> {
             if Instant::now() > deadline {
                 bail!("stop: job {job} is still {st} 30s after scancel\n  fix: check `squeue -j {job}` on {host}");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
         for w in &mut self.run.record.workers {
             w.state = "stopped".into();
