@@ -1359,6 +1359,7 @@ mod tests {
             "releases/.incoming/daphne-payload-ffffffffffffffff.tar.zst".to_string(),
             "releases/.tmp-ffffffffffffffff-Xy12AbCd".to_string(),
             "images/bbbb2222.sif".to_string(),
+            "images/bbbb2222.sif.sha256".to_string(),
             "images/.incoming/cccc.sif".to_string(),
         ];
         want.sort();

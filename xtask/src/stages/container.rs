@@ -1,7 +1,8 @@
 //! How a command runs through the container runtime (or directly, for runtime `host`).
 
 use crate::config::Config;
-use crate::plan::{Arg, Cmd};
+use crate::plan::{Arg, Cmd, Var};
+use crate::stages::facts::Facts;
 use camino::Utf8Path;
 
 /// `apptainer exec [runtime args] [--bind D:D ...] [--pwd CWD] IMAGE argv...`, or `argv` as
@@ -27,4 +28,16 @@ pub fn exec(cfg: &Config, runtime_bin: Option<&str>, image: &Utf8Path, binds: &[
     full.push(image.to_string().into());
     full.extend(argv);
     Cmd { argv: full, env: vec![], cwd: cwd.map(|d| d.to_owned()) }
+}
+
+/// `apptainer exec [runtime args] --bind D:D <image>` before a command that runs on the
+/// target, where D is the remote directory and the image is the one stored there; empty for
+/// the `host` runtime.
+pub fn remote_prefix(cfg: &Config, facts: &Facts) -> Vec<Arg> {
+    let Some(bin) = &facts.runtime_bin else { return vec![] };
+    let mut a = vec![Arg::lit(bin.clone()), "exec".into()];
+    a.extend(cfg.runtime_args.iter().map(|x| Arg::lit(x.clone())));
+    a.extend(["--bind".into(), Arg::lit(format!("{0}:{0}", cfg.remote_dir))]);
+    a.push(Arg::Var(Var::Image));
+    a
 }

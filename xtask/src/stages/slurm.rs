@@ -181,12 +181,7 @@ pub fn coordinator_argv(cfg: &Config, facts: &Facts, script: Arg, args: &[String
     if cfg.run.dist_backend == "MPI" {
         a.push(Arg::lit(format!("--mpi={}", s.mpi.clone().unwrap_or_else(|| "pmix".into()))));
     }
-    if let Some(bin) = &facts.runtime_bin {
-        a.extend([Arg::lit(bin.clone()), "exec".into()]);
-        a.extend(cfg.runtime_args.iter().map(|x| Arg::lit(x.clone())));
-        a.extend(["--bind".into(), Arg::lit(format!("{0}:{0}", cfg.remote_dir))]);
-        a.push(Arg::Var(Var::Image));
-    }
+    a.extend(crate::stages::container::remote_prefix(cfg, facts));
     a.push(Arg::Concat(vec![Arg::Var(Var::Release), Arg::lit("/bin/daphne")]));
     a.push("--distributed".into());
     if cfg.run.dist_backend != "sync-gRPC" {

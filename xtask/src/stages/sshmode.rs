@@ -49,13 +49,7 @@ pub fn peer_port(cfg: &Config, k: usize, p: &Peer) -> u16 {
 /// The argv of worker k on its host, through the container when one is configured.
 pub fn worker_argv(cfg: &Config, facts: &Facts, k: usize) -> Vec<Arg> {
     let p = &cfg.peers[k];
-    let mut a = vec![];
-    if let Some(bin) = &facts.runtime_bin {
-        a.extend([Arg::lit(bin.clone()), "exec".into()]);
-        a.extend(cfg.runtime_args.iter().map(|x| Arg::lit(x.clone())));
-        a.extend(["--bind".into(), Arg::lit(format!("{0}:{0}", cfg.remote_dir))]);
-        a.push(Arg::Var(Var::Image));
-    }
+    let mut a = crate::stages::container::remote_prefix(cfg, facts);
     a.push(Arg::Concat(vec![Arg::Var(Var::Release), Arg::lit("/bin/DistributedWorker")]));
     a.push(Arg::lit(format!("{}:{}", p.host, peer_port(cfg, k, p))));
     a
@@ -103,12 +97,7 @@ pub fn plan_stop() -> Stage {
 /// The coordinator on the login host, in its run directory.
 pub fn coordinator_argv(cfg: &Config, facts: &Facts, script: Arg, args: &[String]) -> Vec<Arg> {
     let mut a: Vec<Arg> = vec!["env".into(), Arg::Concat(vec![Arg::lit("DISTRIBUTED_WORKERS="), Arg::Var(Var::Peers)])];
-    if let Some(bin) = &facts.runtime_bin {
-        a.extend([Arg::lit(bin.clone()), "exec".into()]);
-        a.extend(cfg.runtime_args.iter().map(|x| Arg::lit(x.clone())));
-        a.extend(["--bind".into(), Arg::lit(format!("{0}:{0}", cfg.remote_dir))]);
-        a.push(Arg::Var(Var::Image));
-    }
+    a.extend(crate::stages::container::remote_prefix(cfg, facts));
     a.push(Arg::Concat(vec![Arg::Var(Var::Release), Arg::lit("/bin/daphne")]));
     a.push("--distributed".into());
     if cfg.run.dist_backend != "sync-gRPC" {
