@@ -352,3 +352,25 @@ fn clean_refuses_a_running_deployment_and_prunes_unused_releases() {
     let left: Vec<_> = std::fs::read_dir(&releases).unwrap().flatten().collect();
     assert!(left.is_empty(), "unused releases left: {left:?}");
 }
+
+#[test]
+fn a_worker_failing_at_start_fails_the_wait_with_its_log_tail() {
+    // Hold a port so the second worker cannot bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().port();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("busy.toml");
+    std::fs::write(&f, format!("[schedule]\nworkers = 2\nports = [{free}, {busy}]\nready_timeout = 30\n")).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = xtask().args(["--target", "busy-port", "--config", f.to_str().unwrap(), "deploy"]).output().unwrap();
+    let e = text(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "did not fail fast: {:?}", t0.elapsed());
+    assert!(e.contains(&format!("worker 1 (127.0.0.1:{busy}) exited before it was ready")), "{e}");
+    assert!(e.contains("Address already in use") || e.contains("cannot listen"), "no log tail:\n{e}");
+    let rec = record(&run_dir(&e));
+    assert_eq!(rec["outcome"], "failed");
+    assert_no_worker_left(&rec);
+    drop(held);
+}

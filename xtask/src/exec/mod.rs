@@ -438,7 +438,10 @@ impl<'a> Executor<'a> {
                         );
                     }
                 }
-                if workers::accepts(&w.addr(), Duration::from_millis(200)) {
+                // Our worker must say it listens: a port that merely accepts may belong to
+                // another process (the worker then failed to bind and exits).
+                let started = std::fs::read_to_string(&w.stdout).is_ok_and(|l| l.contains("Started Distributed Worker"));
+                if started && workers::accepts(&w.addr(), Duration::from_millis(200)) {
                     ready[i] = true;
                     w.state = "ready".into();
                 }
