@@ -2,6 +2,7 @@
 //! network namespaces. One testbed serves the whole test binary; it is torn down when the
 //! binary exits, also after failures.
 
+mod faults;
 mod fixture;
 mod slurm;
 mod sshmode;
