@@ -48,6 +48,9 @@ pub struct Global {
     /// Print more detail (timings, log paths).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// One JSON event per line on stdout (stage start/finish/skip, progress, output, error, summary).
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +135,12 @@ pub enum Command {
         #[command(subcommand)]
         action: Testbed,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Check each prerequisite of a target and say how to fix what is missing.
+    Doctor,
     /// Run a benchmark side by side with its baseline and print the ratio.
     Bench {
         #[command(subcommand)]

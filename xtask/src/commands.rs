@@ -23,7 +23,17 @@ enum RunChoice {
 
 pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     ui::set_level(g.quiet, g.verbose);
+    ui::set_json(g.json);
     match &cmd {
+        Command::Completions { shell } => {
+            let mut c = <crate::cli::Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut c, "cargo-xtask", &mut buf);
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = std::io::stdout().write_all(&buf);
+            return Ok(());
+        }
         Command::Targets => return list_targets(root),
         Command::Runs => return list_runs(root),
         Command::Package { verify: Some(file), .. } => return verify_package(file),
@@ -61,6 +71,9 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     let ov = Overrides { runtime: g.runtime.clone(), workers: workers.workers, peers: workers.peers, config_file: g.config.clone(), dist_backend: g.dist_backend.clone() };
     let cfg = config::load(root, &g.target, &ov)?;
     let facts = facts::gather(&cfg);
+    if let Command::Doctor = cmd {
+        return crate::doctor::run(&cfg, &facts);
+    }
     if let Command::Singularity { check: true, .. } = cmd {
         crate::stages::image::check(&cfg, &facts.definition)?;
         println!("{} is up to date", crate::paths::display(root, &cfg.image.definition));
@@ -129,6 +142,16 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
             copy_dist(&ex, &root.join("target/dist"))?;
         }
     }
+    if ui::json() {
+        let r = &ex.run.record;
+        ui::event(
+            "summary",
+            serde_json::json!({"run_id": r.run_id, "command": command, "target": r.target, "outcome": r.outcome, "exit_code": r.exit_code,
+                "run_dir": ex.run.dir, "peers": r.peers, "job_ids": r.job_ids, "seconds": started.elapsed().as_secs_f64(),
+                "error": result.as_ref().err().map(|e| crate::secrets::redact(&format!("{e:#}")))}),
+        );
+        return result;
+    }
     match &result {
         Ok(()) if command == "deploy" => ui::stage("done", &format!("run directory: {}", ex.run.dir)),
         Err(_) => ui::info(&format!("run directory: {}", ex.run.dir)),
@@ -155,6 +178,8 @@ fn name(cmd: &Command) -> &'static str {
         Command::Runs => "runs",
         Command::Targets => "targets",
         Command::Bench { .. } => "bench",
+        Command::Completions { .. } => "completions",
+        Command::Doctor => "doctor",
         Command::Testbed { .. } => "testbed",
     }
 }
@@ -268,7 +293,9 @@ fn plan_command(cfg: &Config, facts: &facts::Facts, cmd: &Command, script: Optio
             };
             (deploy_stages(cfg, facts, &script, &args)?, New)
         }
-        Command::Runs | Command::Targets | Command::Bench { .. } | Command::Testbed { .. } => unreachable!("handled before planning"),
+        Command::Runs | Command::Targets | Command::Bench { .. } | Command::Testbed { .. } | Command::Completions { .. } | Command::Doctor => {
+            unreachable!("handled before planning")
+        }
     })
 }
 

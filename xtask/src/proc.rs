@@ -119,7 +119,10 @@ fn pump(src: Option<Box<dyn Read + Send>>, log: SharedFile, tail: Arc<Mutex<VecD
             if let Ok(mut f) = log.lock() {
                 let _ = f.write_all(&line);
             }
-            if echo == Echo::Stream {
+            if echo == Echo::Stream && crate::ui::json() {
+                let text = String::from_utf8_lossy(&line);
+                crate::ui::event("output", serde_json::json!({"stream": if is_err { "stderr" } else { "stdout" }, "line": text.trim_end_matches('\n')}));
+            } else if echo == Echo::Stream {
                 if is_err {
                     let _ = std::io::stderr().write_all(&line);
                 } else {

@@ -4,9 +4,34 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 static LEVEL: AtomicU8 = AtomicU8::new(1);
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 pub fn set_level(quiet: bool, verbose: bool) {
     LEVEL.store(if quiet { 0 } else if verbose { 2 } else { 1 }, Ordering::Relaxed);
+    START.get_or_init(std::time::Instant::now);
+}
+
+/// `--json`: one JSON event per line on stdout instead of the human messages on stderr.
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// Writes one event line: `{"event": kind, "t": seconds since start, ...fields}`.
+pub fn event(kind: &str, mut fields: serde_json::Value) {
+    use std::io::Write;
+    let t = START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();
+    if let Some(m) = fields.as_object_mut() {
+        m.insert("event".into(), kind.into());
+        m.insert("t".into(), serde_json::json!((t * 1000.0).round() / 1000.0));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{fields}");
+    let _ = out.flush();
 }
 
 pub fn verbose() -> bool {
@@ -14,7 +39,7 @@ pub fn verbose() -> bool {
 }
 
 fn normal() -> bool {
-    LEVEL.load(Ordering::Relaxed) >= 1
+    LEVEL.load(Ordering::Relaxed) >= 1 && !json()
 }
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set.
@@ -31,18 +56,27 @@ fn paint(code: &str, s: &str) -> String {
 }
 
 pub fn stage(name: &str, what: &str) {
+    if json() {
+        return event("stage_start", serde_json::json!({"stage": name, "reason": what}));
+    }
     if normal() {
         eprintln!("{} {name}: {what}", paint("1;34", "==>"));
     }
 }
 
 pub fn skip(name: &str, why: &str) {
+    if json() {
+        return event("stage_skip", serde_json::json!({"stage": name, "reason": why}));
+    }
     if normal() {
         eprintln!("{} {name}: skipped, {why}", paint("2", "==>"));
     }
 }
 
 pub fn info(msg: &str) {
+    if json() && LEVEL.load(Ordering::Relaxed) >= 1 {
+        return event("info", serde_json::json!({"message": msg}));
+    }
     if normal() {
         eprintln!("    {msg}");
     }
@@ -55,16 +89,25 @@ pub fn detail(msg: &str) {
 }
 
 pub fn cmd(line: &str) {
+    if json() {
+        return event("command", serde_json::json!({"command": line}));
+    }
     if normal() {
         eprintln!("    {} {line}", paint("2", "$"));
     }
 }
 
 pub fn warn(msg: &str) {
+    if json() {
+        return event("warning", serde_json::json!({"message": msg}));
+    }
     eprintln!("{} {msg}", paint("1;33", "warning:"));
 }
 
 pub fn error(msg: &str) {
+    if json() {
+        return event("error", serde_json::json!({"message": msg}));
+    }
     eprintln!("{} {msg}", paint("1;31", "error:"));
 }
 
@@ -150,4 +193,20 @@ pub fn bytes(b: u64) -> String {
 /// `78.9 MiB/s`.
 pub fn rate(b: u64, secs: f64) -> String {
     format!("{}/s", bytes((b as f64 / secs.max(1e-3)) as u64))
+}
+
+/// A stage ended (JSON mode only; the human output shows results as they come).
+pub fn stage_done(name: &str, status: &str, seconds: f64, error: Option<&str>) {
+    if json() {
+        event("stage_finish", serde_json::json!({"stage": name, "status": status, "seconds": seconds, "error": error}));
+    }
+}
+
+/// `k/N` of something (workers ready), as an info line or a progress event.
+pub fn progress(what: &str, done: usize, total: usize, elapsed: f64) {
+    if json() {
+        event("progress", serde_json::json!({"what": what, "done": done, "total": total, "seconds": elapsed}));
+    } else {
+        info(&format!("{what} {done}/{total} ({elapsed:.1}s)"));
+    }
 }

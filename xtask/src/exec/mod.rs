@@ -160,6 +160,7 @@ impl<'a> Executor<'a> {
         if let Err(e) = &result {
             rec.error = Some(crate::secrets::redact(&format!("{e:#}")));
         }
+        ui::stage_done(&rec.name, &rec.status, rec.seconds, rec.error.as_deref());
         self.run.record.stages.push(rec);
         self.run.save()?;
         result
@@ -268,7 +269,8 @@ impl<'a> Executor<'a> {
         let (c, _) = self.command(cmd)?;
         self.echo(cmd);
         let log_path = self.run.path(log);
-        let done = proc::run_logged(c, &log_path, &log_path, Echo::Quiet, None)?;
+        let label = log.trim_end_matches(".log").to_string();
+        let done = proc::run_logged_with(c, &log_path, &log_path, Echo::Quiet, None, Some(&label), None)?;
         if done.code != 0 {
             bail!(
                 "`{}` failed with exit code {} after {:.1}s; last lines:\n{}\n  full log: {log_path}",
@@ -448,7 +450,7 @@ impl<'a> Executor<'a> {
             }
             let n = ready.iter().filter(|r| **r).count();
             if n != shown {
-                ui::info(&format!("ready {n}/{total} ({:.1}s)", start.elapsed().as_secs_f64()));
+                ui::progress("ready", n, total, start.elapsed().as_secs_f64());
                 shown = n;
             }
             if n == total {

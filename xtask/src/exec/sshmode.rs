@@ -141,7 +141,7 @@ impl Executor<'_> {
             }
             let n = ready.len();
             if n != shown {
-                ui::info(&format!("ready {n}/{total} ({:.1}s)", start.elapsed().as_secs_f64()));
+                ui::progress("ready", n, total, start.elapsed().as_secs_f64());
                 shown = n;
             }
             if n >= total {
