@@ -109,3 +109,110 @@ pub fn redeploy(root: &Utf8Path, target: &str) -> Result<String> {
         if overhead(&again_rec, again_secs) <= 0.5 { "ok" } else { "MISSED" }
     ))
 }
+
+/// Clean build of the xtask crate (all dependencies) in a fresh target directory, and the
+/// dependencies that cost the most, from cargo's own timing report.
+pub fn build_time(root: &Utf8Path) -> Result<(f64, Vec<(String, f64)>)> {
+    let dir = tempfile::tempdir()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t = Instant::now();
+    let out = Command::new(cargo).args(["build", "-p", "xtask", "--timings"]).env("CARGO_TARGET_DIR", dir.path()).current_dir(root).output()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("bench: the clean build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let html = std::fs::read_to_string(dir.path().join("cargo-timings/cargo-timing.html")).unwrap_or_default();
+    let mut costs: Vec<(String, f64)> = html
+        .split("const UNIT_DATA = ")
+        .nth(1)
+        .and_then(|rest| rest.split(";\n").next())
+        .and_then(|json| serde_json::from_str::<Vec<serde_json::Value>>(json).ok())
+        .unwrap_or_default()
+        .iter()
+        .map(|u| (format!("{}{}", u["name"].as_str().unwrap_or("?"), if u["target"].as_str().unwrap_or("").contains("build-script") { " (build script)" } else { "" }), u["duration"].as_f64().unwrap_or(0.0)))
+        .collect();
+    costs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    costs.truncate(6);
+    Ok((secs, costs))
+}
+
+/// SSH handshakes of one deploy: accepted logins in the testbed's sshd log when the target
+/// is the testbed, and the ControlMasters the run recorded.
+pub fn handshakes(root: &Utf8Path, target: &str) -> Result<(Option<usize>, u64)> {
+    let log = crate::testbed::read_env(&crate::testbed::runtime_dir().join("testbed.env")).ok().and_then(|e| e.get("SSHD_LOG_LOGIN").cloned());
+    let count = |l: &Option<String>| l.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).map(|t| t.matches("Accepted publickey").count());
+    let before = count(&log);
+    let (_, rec) = xtask(root, &["--target", target, "deploy"])?;
+    let after = count(&log);
+    Ok((before.zip(after).map(|(b, a)| a - b), rec["ssh_connections"].as_u64().unwrap_or(0)))
+}
+
+/// Every benchmark beside its baseline, one table, written to BENCHMARKS.md.
+pub fn all(root: &Utf8Path, target: &str) -> Result<String> {
+    let mut rows: Vec<(String, String, String, String)> = vec![];
+    let work = crate::paths::state_dir(root).join("bench");
+    std::fs::create_dir_all(&work)?;
+    let p = crate::package::bench::bench_package(&work, 300)?;
+    rows.push((
+        "Packaging vs `tar czf` (300 MiB generated tree)".into(),
+        format!("{:.2}s, {:.1} MiB vs {:.2}s, {:.1} MiB", p.pack_secs, p.pack_bytes as f64 / 1048576.0, p.tar_secs, p.tar_bytes as f64 / 1048576.0),
+        format!("{:.1}x faster", p.speedup),
+        verdict(p.speedup >= 3.0 && p.pack_not_larger, ">= 3x faster, not larger"),
+    ));
+    let r = readiness(root, target, 1, 16)?;
+    rows.push(("Readiness: all ready, 48 vs 3 workers".into(), first_lines(&r, 1, 2), field(&r, "ratio "), field(&r, "(target")));
+    let d = redeploy(root, target)?;
+    rows.push(("Redeploy with nothing changed vs first deploy".into(), first_lines(&d, 1, 2), field(&d, "ratio "), field(&d, "(target")));
+    rows.push(("Tool overhead of a redeploy".into(), "wall minus build, transfer, SLURM, coordinator".into(), field(&d, "tool overhead of the redeploy "), field_after(&d, "tool overhead")));
+    let (log_count, masters) = handshakes(root, target)?;
+    rows.push((
+        "SSH handshakes per deploy".into(),
+        format!("sshd log: {}; ControlMasters recorded: {masters}", log_count.map_or("n/a".into(), |c| c.to_string())),
+        log_count.unwrap_or(masters as usize).to_string(),
+        verdict(log_count.unwrap_or(masters as usize) == 1, "1"),
+    ));
+    let (build, costs) = build_time(root)?;
+    rows.push((
+        "Clean build of the xtask crate".into(),
+        format!("most costly: {}", costs.iter().map(|(n, s)| format!("{n} {s:.1}s")).collect::<Vec<_>>().join(", ")),
+        format!("{build:.1}s"),
+        verdict(build <= 25.0, "<= 25 s"),
+    ));
+    let mut table = String::from("| benchmark | measured (ours vs baseline) | figure | target |\n|---|---|---|---|\n");
+    for (a, b, c, d) in &rows {
+        table.push_str(&format!("| {a} | {b} | {c} | {d} |\n"));
+    }
+    let machine = machine();
+    let date = crate::runstate::utc_string(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    let doc = format!(
+        "# Benchmarks\n\nRegenerate with `cargo xtask --target {target} bench all` (the target must be a cluster; the\ntestbed works: `cargo xtask testbed up` first). Each benchmark runs beside its baseline in the\nsame run. Timings are wall-clock on a shared machine; no test asserts on them.\n\n- date: {date}\n- machine: {machine}\n- command: `cargo xtask --target {target} bench all`\n\n{table}\nDetails:\n\n```\n{p}\n\n{r}\n\n{d}\n```\n"
+    );
+    crate::runstate::write_atomic(&root.join("BENCHMARKS.md"), doc.as_bytes())?;
+    Ok(format!("{table}\nwritten to BENCHMARKS.md"))
+}
+
+fn verdict(ok: bool, target: &str) -> String {
+    format!("{target}: {}", if ok { "ok" } else { "MISSED" })
+}
+
+fn first_lines(s: &str, from: usize, n: usize) -> String {
+    s.lines().skip(from).take(n).map(str::trim).collect::<Vec<_>>().join("; ")
+}
+
+/// The word(s) after `key` up to the next space or `(`.
+fn field(s: &str, key: &str) -> String {
+    s.split(key).nth(1).map(|r| r.split([' ', '(']).next().unwrap_or("").trim_end_matches(':').to_string()).unwrap_or_default()
+}
+
+/// The parenthesised target after `key`: `(target <= 0.5: ok)` → `target <= 0.5: ok`.
+fn field_after(s: &str, key: &str) -> String {
+    s.split(key).nth(1).and_then(|r| r.split('(').nth(1)).and_then(|r| r.split(')').next()).unwrap_or("").to_string()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok())).map(|k| k / 1024 / 1024).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} GiB, Linux {}", kernel.trim())
+}

@@ -165,6 +165,12 @@ pub enum Bench {
     },
     /// A first deploy from a clean state vs a redeploy with nothing changed (use --target testbed).
     Redeploy,
+    /// SSH handshakes of one deploy (use --target testbed).
+    Handshakes,
+    /// Clean build time of the xtask crate, and its costliest dependencies.
+    Build,
+    /// Everything above, side by side, written to BENCHMARKS.md (use --target testbed).
+    All,
 }
 
 #[derive(Debug, Clone, Default, Args)]

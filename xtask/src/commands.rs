@@ -58,6 +58,16 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
                 }
                 B::Readiness { small, large } => crate::bench::readiness(root, &g.target, *small, *large)?,
                 B::Redeploy => crate::bench::redeploy(root, &g.target)?,
+                B::Handshakes => {
+                    let (log, masters) = crate::bench::handshakes(root, &g.target)?;
+                    format!("ssh handshakes of one deploy on `{}`: sshd log {}, ControlMasters {masters} (target 1)", g.target, log.map_or("n/a".into(), |c| c.to_string()))
+                }
+                B::Build => {
+                    let (secs, costs) = crate::bench::build_time(root)?;
+                    let list: Vec<String> = costs.iter().map(|(n, s)| format!("  {s:6.1}s  {n}")).collect();
+                    format!("clean build of the xtask crate: {secs:.1}s (target <= 25 s)\ncostliest units:\n{}", list.join("\n"))
+                }
+                B::All => crate::bench::all(root, &g.target)?,
             };
             println!("{report}");
             return Ok(());

@@ -91,6 +91,8 @@ pub struct RunRecord {
     pub sbatch: Vec<String>,
     /// Payload bytes sent by `upload` (0 when the release was already there).
     pub upload_bytes: u64,
+    /// SSH connections (ControlMasters) this run opened: one per host it talked to.
+    pub ssh_connections: u32,
     /// SLURM's job state when the run last looked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_state: Option<String>,

@@ -248,6 +248,10 @@ impl<'a> Executor<'a> {
                 self.exec(&Cmd { argv: full.into_iter().map(Arg::Lit).collect(), env: vec![], cwd: None }, log)?;
             }
             Step::RemoveRemote { .. } if self.is_ssh() => self.clean_ssh()?,
+            Step::RemoveRemote { .. } if self.is_remote() && self.run.record.remote_run_dir.is_none() => {
+                // Nothing was created there: no second connect to a host that may be unreachable.
+                ui::info("no run directory was created on the target; nothing to remove");
+            }
             Step::RemoveRemote { .. } if self.is_remote() => {
                 let remote_dir = self.cfg.remote_dir.clone();
                 let id = self.run.id().to_string();
@@ -613,6 +617,9 @@ impl<'a> Executor<'a> {
         self.run.record.exit_code = Some(code);
         self.run.record.error = result.as_ref().err().map(|e| crate::secrets::redact(&format!("{e:#}")));
         self.run.record.total_seconds = start_secs(started);
+        // A ControlMaster check: each session whose control socket exists made one handshake.
+        let masters = self.ssh.iter().chain(self.peer_sessions.values()).filter(|s| s.control_path().exists()).count();
+        self.run.record.ssh_connections = masters as u32;
         let _ = self.run.save();
     }
 }
