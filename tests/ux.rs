@@ -92,3 +92,20 @@ fn every_subcommand_has_help() {
         assert!(out.status.success() && text(&out.stdout).contains("Usage:"), "`{sub} --help` failed");
     }
 }
+
+#[test]
+fn runs_lists_past_runs_and_logs_reopens_one() {
+    let out = xtask(&["deploy", "--workers", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = text(&out.stderr).lines().rev().find_map(|l| l.split("run directory: ").nth(1)).unwrap().trim().to_string();
+    let id = Path::new(&dir).file_name().unwrap().to_str().unwrap().to_string();
+    let runs = text(&xtask(&["runs"]).stdout);
+    let line = runs.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{id} not listed:\n{runs}"));
+    assert!(line.contains("deploy") && line.contains("local") && line.contains("succeeded"), "{line}");
+    let logs = xtask(&["logs", &id]);
+    let s = text(&logs.stdout);
+    assert!(logs.status.success(), "{}", text(&logs.stderr));
+    assert!(s.contains(&format!("run {id}")) && s.contains("worker-0.out") && s.contains("result: 333333833333500000"), "{s}");
+    let missing = xtask(&["logs", "no-such-run"]);
+    assert!(!missing.status.success() && text(&missing.stderr).contains("cargo xtask runs"));
+}
