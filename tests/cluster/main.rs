@@ -4,6 +4,7 @@
 
 mod faults;
 mod fixture;
+mod hostile_args;
 mod slurm;
 mod sshmode;
 mod transfer;

@@ -183,15 +183,47 @@ pub struct Workers {
     pub peers: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Args)]
+/// `SCRIPT [NAME=VALUE ...]`. One positional holds the script and its arguments, so that
+/// everything after SCRIPT is the script's, even a first argument that looks like one of our
+/// flags (`--target=x`, `--help=1`); with two positionals clap would still parse flags until
+/// the second one had its first value.
+#[derive(Debug, Clone, Default)]
 pub struct RunArgs {
     /// The DaphneDSL script: a payload path, a local file, or `-` for stdin
     /// (default: the target's run.script).
-    #[arg(value_name = "SCRIPT")]
     pub script: Option<String>,
     /// Script arguments, name=value, passed through unchanged.
-    #[arg(value_name = "NAME=VALUE", trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+}
+
+const SCRIPT_AND_ARGS: &str = "script_and_args";
+
+impl clap::FromArgMatches for RunArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut words = m.get_many::<String>(SCRIPT_AND_ARGS).map(|w| w.cloned().collect::<Vec<_>>()).unwrap_or_default().into_iter();
+        Ok(RunArgs { script: words.next(), args: words.collect() })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for RunArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.arg(
+            clap::Arg::new(SCRIPT_AND_ARGS)
+                .value_name("SCRIPT [NAME=VALUE]")
+                .help("The DaphneDSL script (a payload path, a local file, or `-` for stdin; default: the target's run.script), then its arguments, name=value, passed through unchanged")
+                .num_args(0..)
+                .action(clap::ArgAction::Append)
+                .trailing_var_arg(true)
+                .allow_hyphen_values(true),
+        )
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]

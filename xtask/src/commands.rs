@@ -139,18 +139,20 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
         }
         _ => run_stages(&mut ex, &stages),
     };
-    if matches!(command, "deploy" | "start" | "run" | "stop" | "build" | "package" | "upload") || result.is_err() {
+    // The copy for CI is part of the command: it happens before the outcome is recorded.
+    let mut result = result;
+    if result.is_ok() {
+        let out_dir = match &cmd {
+            Command::Package { out: Some(dir), .. } => Some(dir.clone()),
+            Command::Dist => Some(root.join("target/dist")),
+            _ => None,
+        };
+        if let Some(dir) = out_dir {
+            result = copy_dist(&ex, &dir);
+        }
+    }
+    if matches!(command, "deploy" | "start" | "run" | "stop" | "build" | "package" | "dist" | "upload") || result.is_err() {
         ex.finish_command(command, &result, started);
-    }
-    if let Command::Package { out: Some(dir), .. } = &cmd {
-        if result.is_ok() {
-            copy_dist(&ex, dir)?;
-        }
-    }
-    if let Command::Dist = &cmd {
-        if result.is_ok() {
-            copy_dist(&ex, &root.join("target/dist"))?;
-        }
     }
     if ui::json() {
         let r = &ex.run.record;
@@ -460,8 +462,11 @@ fn copy_dist(ex: &Executor, dir: &Utf8Path) -> Result<()> {
     let sha = Utf8PathBuf::from(format!("{pkg}.sha256"));
     for (from, to) in [(&pkg, dir.join(name)), (&sha, dir.join(format!("{name}.sha256")))] {
         let tmp = dir.join(format!(".{}.tmp", to.file_name().unwrap_or("x")));
-        std::fs::copy(from, &tmp).with_context(|| format!("cannot copy {from} into {dir}"))?;
-        std::fs::rename(&tmp, &to)?;
+        // A full disk must not leave a partial copy behind.
+        if let Err(e) = std::fs::copy(from, &tmp).and_then(|_| std::fs::rename(&tmp, &to)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot copy {from} into {dir}"));
+        }
     }
     let v = crate::package::verify(&dir.join(name))?;
     runstate::write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&v.manifest)?.as_bytes())?;

@@ -11,6 +11,7 @@ mod paths;
 mod plan;
 mod proc;
 mod quote;
+#[cfg(test)] mod quote_props;
 mod runstate;
 mod secrets;
 mod signals;

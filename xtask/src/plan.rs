@@ -203,7 +203,7 @@ pub struct Plan {
 /// Renders one argument for humans; placeholders in angle brackets, secrets hidden.
 pub fn render_arg(a: &Arg) -> String {
     match a {
-        Arg::Lit(s) => crate::secrets::redact(s),
+        Arg::Lit(s) => crate::secrets::redact_arg(s),
         Arg::Var(v) => v.to_string(),
         Arg::Concat(parts) => parts.iter().map(render_arg).collect(),
     }
@@ -217,7 +217,17 @@ pub fn render_cmd(c: &Cmd) -> String {
     for (k, v) in &c.env {
         let _ = write!(out, "{k}={} ", render_quoted(v));
     }
-    let argv: Vec<String> = c.argv.iter().map(render_quoted).collect();
+    // The argument after a marked flag (`--password VALUE`) is hidden whole.
+    let mut hide = false;
+    let argv: Vec<String> = c
+        .argv
+        .iter()
+        .map(|a| {
+            let shown = if hide { "***".to_string() } else { render_quoted(a) };
+            hide = !hide && matches!(a, Arg::Lit(s) if crate::secrets::is_marked_flag(s));
+            shown
+        })
+        .collect();
     out.push_str(&argv.join(" "));
     out
 }
@@ -225,7 +235,7 @@ pub fn render_cmd(c: &Cmd) -> String {
 /// Shell-quotes the literal parts of an argument and leaves `<placeholders>` readable.
 fn render_quoted(a: &Arg) -> String {
     match a {
-        Arg::Lit(s) => quote::quote(&crate::secrets::redact(s)).into_owned(),
+        Arg::Lit(s) => quote::quote(&crate::secrets::redact_arg(s)).into_owned(),
         Arg::Var(v) => v.to_string(),
         Arg::Concat(parts) => parts.iter().map(render_quoted).collect(),
     }

@@ -16,6 +16,11 @@ pub fn quote(arg: &str) -> Cow<'_, str> {
     if !arg.is_empty() && arg.chars().all(is_plain) {
         return Cow::Borrowed(arg);
     }
+    Cow::Owned(single_quoted(arg))
+}
+
+/// `arg` in single quotes, every `'` written as `'\''`.
+fn single_quoted(arg: &str) -> String {
     let mut out = String::with_capacity(arg.len() + 2);
     out.push('\'');
     for c in arg.chars() {
@@ -26,10 +31,18 @@ pub fn quote(arg: &str) -> Cow<'_, str> {
         }
     }
     out.push('\'');
-    Cow::Owned(out)
+    out
 }
 
+/// Words that a shell reads as syntax, not as a command name, when they come first unquoted.
+const RESERVED: &[&str] = &[
+    "case", "do", "done", "elif", "else", "esac", "fi", "for", "if", "in", "then", "until", "while", "function", "select", "time", "coproc",
+    "foreach", "end", "repeat", "nocorrect", "noglob",
+];
+
 /// Joins an argv into one command line that a POSIX shell splits back into the same argv.
+/// The first word is the command: it is quoted also when it would otherwise read as a
+/// variable assignment (`A=b`) or a reserved word (`if`).
 pub fn join<S: AsRef<str>>(argv: &[S]) -> Result<String, NulInArg> {
     let mut out = String::new();
     for (i, a) in argv.iter().enumerate() {
@@ -40,7 +53,11 @@ pub fn join<S: AsRef<str>>(argv: &[S]) -> Result<String, NulInArg> {
         if i > 0 {
             out.push(' ');
         }
-        out.push_str(&quote(a));
+        if i == 0 && (a.contains('=') || RESERVED.contains(&a)) {
+            out.push_str(&single_quoted(a));
+        } else {
+            out.push_str(&quote(a));
+        }
     }
     Ok(out)
 }
@@ -58,7 +75,8 @@ impl std::error::Error for NulInArg {}
 
 /// For display only (plans, echoed commands): like `join`, but never fails.
 pub fn display<S: AsRef<str>>(argv: &[S]) -> String {
-    argv.iter().map(|a| quote(&a.as_ref().replace('\0', "\\0")).into_owned()).collect::<Vec<_>>().join(" ")
+    let shown: Vec<String> = argv.iter().map(|a| a.as_ref().replace('\0', "\\0")).collect();
+    join(&shown).expect("NUL bytes were replaced")
 }
 
 #[cfg(test)]

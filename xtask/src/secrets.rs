@@ -26,26 +26,64 @@ pub fn redact(s: &str) -> String {
         return "***".into();
     }
     let mut out = String::with_capacity(s.len());
+    let mut hide_next = false;
     for (i, word) in s.split(' ').enumerate() {
         if i > 0 {
             out.push(' ');
         }
+        if word.is_empty() {
+            continue;
+        }
+        if hide_next {
+            out.push_str("***");
+            hide_next = false;
+            continue;
+        }
+        // `--password VALUE` in text, as in an argv: the marked flag hides the next word
+        // (also when it is the value of something else: `opts=--password VALUE`).
+        hide_next = is_marked_flag(word.rsplit('=').next().unwrap_or(word));
         out.push_str(&redact_word(word));
     }
     out
 }
 
+/// `--password`, `-token`: a flag whose value is the next argument or word.
+pub fn is_marked_flag(w: &str) -> bool {
+    let lower = w.to_ascii_lowercase();
+    lower.starts_with('-') && !w.contains(['=', ':']) && MARKERS.iter().any(|m| lower.contains(m))
+}
+
 fn redact_word(w: &str) -> String {
     let lower = w.to_ascii_lowercase();
-    if let Some(pos) = w.find(['=', ':']) {
-        if MARKERS.iter().any(|m| lower[..pos].contains(m)) {
-            return format!("{}***", &w[..=pos]);
-        }
+    // The first `=` or `:` after a marker starts the value, wherever the marker sits in the
+    // word (`db_password=`, `PGOPTIONS=password=`, `url:token:`).
+    if let Some(pos) = marked_value_start(&lower) {
+        return format!("{}***", &w[..=pos]);
     }
     if has_token_shape(w) || MARKERS.iter().any(|m| lower.contains(m)) && w.len() > 24 {
         return "***".into();
     }
     w.to_string()
+}
+
+/// Byte offset of the `=` or `:` that ends the earliest marked key in `lower` (an
+/// ASCII-lowercased copy, so offsets match the original).
+fn marked_value_start(lower: &str) -> Option<usize> {
+    MARKERS
+        .iter()
+        .flat_map(|m| lower.match_indices(m).filter_map(move |(i, _)| lower[i + m.len()..].find(['=', ':']).map(|off| i + m.len() + off)))
+        .min()
+}
+
+/// Redacts one argument of an argv. One argument is one value: a marked `name=value` hides
+/// all of its value, spaces included (word-by-word `redact` would show what follows the
+/// first space).
+pub fn redact_arg(a: &str) -> String {
+    let lower = a.to_ascii_lowercase();
+    match marked_value_start(&lower).filter(|_| !lower.contains("-----begin")) {
+        Some(pos) => format!("{}***", &a[..=pos]),
+        None => redact(a),
+    }
 }
 
 /// Redacts a whole argv: a marked flag (`--password`) hides the argument after it too.
@@ -58,13 +96,12 @@ pub fn redact_argv(argv: &[String]) -> Vec<String> {
             hide_next = false;
             continue;
         }
-        let lower = a.to_ascii_lowercase();
-        if lower.starts_with('-') && !a.contains('=') && MARKERS.iter().any(|m| lower.contains(m)) {
+        if is_marked_flag(a) {
             hide_next = true;
             out.push(a.clone());
             continue;
         }
-        out.push(redact(a));
+        out.push(redact_arg(a));
     }
     out
 }
@@ -80,5 +117,10 @@ mod tests {
         assert_eq!(redact("ghp_0123456789abcdefABCDEF"), "***");
         assert_eq!(redact("n=1000"), "n=1000");
         assert_eq!(redact_argv(&["--password".into(), "s3cr3t".into(), "n=1".into()]), vec!["--password", "***", "n=1"]);
+        assert_eq!(redact("=password=hunter2"), "=password=***");
+        assert_eq!(redact("PGOPTIONS=password=hunter2 x"), "PGOPTIONS=password=*** x");
+        assert_eq!(redact_argv(&["token=two words".into()]), vec!["token=***"]);
+        assert_eq!(redact("ssh --password  s3cr3t -p 22"), "ssh --password  *** -p 22");
+        assert_eq!(redact_arg("opts=--password s3cr3t"), "opts=--password ***");
     }
 }

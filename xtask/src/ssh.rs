@@ -16,7 +16,7 @@ pub fn base_args(s: &Ssh) -> Vec<String> {
         a.extend(["-F".into(), f.to_string()]);
     }
     if let Some(k) = &s.known_hosts {
-        a.extend(["-o".into(), format!("UserKnownHostsFile={k}"), "-o".into(), "StrictHostKeyChecking=yes".into()]);
+        a.extend(["-o".into(), format!("UserKnownHostsFile={}", option_path(k.as_str())), "-o".into(), "StrictHostKeyChecking=yes".into()]);
     }
     if let Some(p) = s.port {
         a.extend(["-p".into(), p.to_string()]);
@@ -25,13 +25,34 @@ pub fn base_args(s: &Ssh) -> Vec<String> {
         a.extend(["-l".into(), u.clone()]);
     }
     if let Some(i) = &s.identity {
-        a.extend(["-i".into(), i.to_string(), "-o".into(), "IdentitiesOnly=yes".into()]);
+        // As an option, not `-i`: ssh checks an `-i` file under its literal name but opens it
+        // after expanding `%` tokens, so no escaping makes `-i` work for a name with `%`.
+        a.extend(["-o".into(), format!("IdentityFile={}", option_path(i.as_str())), "-o".into(), "IdentitiesOnly=yes".into()]);
     }
     if let Some(j) = &s.proxy_jump {
         a.extend(["-J".into(), j.clone()]);
     }
     a.extend(s.options.iter().cloned());
     a
+}
+
+/// A path as the value of an `-o Key=Value` option. ssh splits such values at whitespace
+/// (UserKnownHostsFile takes a list) and expands `%` tokens, so the path goes in double
+/// quotes, with `\`, `"` and `%` escaped.
+fn option_path(p: &str) -> String {
+    let mut out = String::from("\"");
+    for c in p.chars() {
+        match c {
+            '\\' | '"' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '%' => out.push_str("%%"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// An ssh connection to one host, multiplexed through a ControlMaster that this session
@@ -83,10 +104,14 @@ impl Session {
         Ok(a)
     }
 
+    /// The command, in a process group of its own: a Ctrl-C at the terminal reaches only the
+    /// tool, which finishes or stops the remote command itself (an `sbatch` killed halfway
+    /// could leave a job whose id was never read, and so never cancelled).
     pub fn command(&self, remote: &[String]) -> Result<Command> {
+        use std::os::unix::process::CommandExt;
         let argv = self.argv(remote)?;
         let mut c = Command::new(&argv[0]);
-        c.args(&argv[1..]);
+        c.args(&argv[1..]).process_group(0);
         Ok(c)
     }
 
@@ -159,8 +184,21 @@ impl Drop for Session {
 pub fn ssh_error(cfg: &Ssh, stderr: &str) -> anyhow::Error {
     let host = &cfg.host;
     let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    let (what, fix) = if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
-        ("the host key of {host} has CHANGED since it was recorded", format!("if the change is expected (reinstalled host), remove the old key with `ssh-keygen -R {host}` and verify the new fingerprint with your admins"))
+    let (what, fix) = if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || stderr.contains("has changed and you have requested strict checking") {
+        // The stale entry is in the target's own known_hosts file when it names one, and is
+        // recorded as `[host]:port` for ports other than 22.
+        let entry = match cfg.port {
+            Some(p) if p != 22 => format!("[{host}]:{p}"),
+            _ => host.clone(),
+        };
+        let file = cfg.known_hosts.as_ref().map(|k| format!("-f {} ", quote::quote(k.as_str()))).unwrap_or_default();
+        (
+            "the host key of {host} has CHANGED since it was recorded (or someone is intercepting the connection)",
+            format!(
+                "if the change is expected (reinstalled host), remove the old key with `ssh-keygen {file}-R {}`, then verify the new fingerprint with your admins and add it",
+                quote::quote(&entry)
+            ),
+        )
     } else if stderr.contains("Host key verification failed") || stderr.contains("No ED25519 host key is known") || stderr.contains("host key is known") {
         ("the host key of {host} is unknown", format!("verify the fingerprint, then add it: `ssh-keyscan -p {} {host} >> ~/.ssh/known_hosts` (host keys are always checked)", cfg.port.unwrap_or(22)))
     } else if stderr.contains("Permission denied") {
@@ -194,6 +232,40 @@ fn rsync_quote(w: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_changed_host_key_names_the_known_hosts_file_and_entry() {
+        let mut cfg = crate::config::Ssh {
+            host: "login.example.org".into(),
+            user: None,
+            port: Some(2222),
+            identity: None,
+            proxy_jump: None,
+            known_hosts: Some("/keys/known hosts".into()),
+            ssh_config: None,
+            options: vec![],
+            connect_timeout: 10,
+        };
+        // What OpenSSH prints under StrictHostKeyChecking=yes (at LogLevel ERROR, without the banner).
+        let stderr = "Host key for [login.example.org]:2222 has changed and you have requested strict checking.\nHost key verification failed.\n";
+        let e = super::ssh_error(&cfg, stderr).to_string();
+        assert!(e.contains("CHANGED") && e.contains("ssh-keygen -f '/keys/known hosts' -R '[login.example.org]:2222'"), "{e}");
+        cfg.port = None;
+        cfg.known_hosts = None;
+        let e = super::ssh_error(&cfg, "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.\n").to_string();
+        assert!(e.contains("CHANGED") && e.contains("`ssh-keygen -R login.example.org`"), "{e}");
+    }
+
+    /// ssh itself reads the quoted option back as the exact path (`ssh -G` prints what it
+    /// would use, without connecting).
+    #[test]
+    fn paths_in_ssh_options_survive_spaces_quotes_and_percent() {
+        let path = "/tmp/dä phne %r \"q\" \\x/known hosts";
+        let out = std::process::Command::new("ssh").args(["-G", "-o", &format!("UserKnownHostsFile={}", super::option_path(path)), "example.org"]).output().unwrap();
+        let cfg = String::from_utf8_lossy(&out.stdout);
+        let line = cfg.lines().find(|l| l.starts_with("userknownhostsfile ")).unwrap_or_else(|| panic!("{cfg}"));
+        assert_eq!(&line["userknownhostsfile ".len()..], path);
+    }
+
     #[test]
     fn rsync_quoting_doubles_single_quotes() {
         assert_eq!(super::rsync_quote("ControlPath=/tmp/dx-1/cm"), "ControlPath=/tmp/dx-1/cm");

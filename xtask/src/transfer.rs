@@ -44,6 +44,40 @@ pub struct Uploaded {
     pub seconds: f64,
 }
 
+/// The connection to the remote dropped while bytes were in flight (not a refused connect, a
+/// failed login or a remote error). What arrived stays in `.incoming/`, so the next upload of
+/// the same file resumes from there and still verifies the whole file's sha256; the executor
+/// retries once on its own.
+#[derive(Debug)]
+pub struct Dropped {
+    pub host: String,
+    /// What was being sent, e.g. `/local/image.sif to /remote/images/.incoming/x.sif`.
+    pub what: String,
+    /// The transfer tool's own last words.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "on {}: the connection dropped while sending {} ({}); what arrived is kept on the remote, and the next upload resumes from there and verifies the sha256\n  fix: check the network to {0}, then run `cargo xtask upload` (or the same command) again",
+            self.host, self.what, self.detail
+        )
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+/// True when `e` is a dropped connection in the middle of a transfer.
+pub fn is_dropped(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Dropped>())
+}
+
+fn last_line(text: &str) -> String {
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message").trim().to_string()
+}
+
 /// How to move the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
@@ -161,6 +195,8 @@ append|install)
   esac
   lock "$f"
   if [ "$kind" = release ] && [ -f "$d/releases/$h/.complete" ]; then rm -f -- "$f"; rec installed already; exit 0; fi
+  # A concurrent upload of the same image may have installed it while this one waited for the lock.
+  if [ "$kind" = image ] && [ -f "$d/images/$n" ] && [ -s "$d/images/$n.sha256" ] && ! [ "$d/images/$n" -nt "$d/images/$n.sha256" ] && [ "$(head -c 64 "$d/images/$n.sha256")" = "$want" ]; then rm -f -- "$f"; rec installed already; exit 0; fi
   mode=$x
   if [ "$op" = append ]; then
     mode=install
@@ -695,6 +731,7 @@ impl<'a> Remote<'a> {
         let mut c = self.s.command(&argv)?;
         c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().context("cannot start `ssh`; is the OpenSSH client installed?")?;
+        let watch = StopOnSignal::watch(child.id());
         let stdout = drain(child.stdout.take());
         let stderr = drain(child.stderr.take());
         let mut stdin = child.stdin.take().expect("piped");
@@ -724,12 +761,23 @@ impl<'a> Remote<'a> {
             let _ = child.kill();
         }
         drop(stdin);
-        let status = child.wait()?;
+        let status = watch.wait(&mut child)?;
+        drop(watch);
         let out = stdout.join().unwrap_or_default();
         let err = stderr.join().unwrap_or_default();
         copied?;
+        if !status.success() {
+            if let Some(e) = interrupted(job) {
+                return Err(e);
+            }
+        }
         if status.code() == Some(255) {
-            return Err(ssh::ssh_error(&self.s.cfg, &String::from_utf8_lossy(&err)));
+            let text = String::from_utf8_lossy(&err);
+            // A connect or login failure says so; anything else mid-stream is a dropped link.
+            if looks_like_ssh_failure(&text) {
+                return Err(ssh::ssh_error(&self.s.cfg, &text));
+            }
+            return Err(Dropped { host: self.s.host().to_string(), what: format!("{} to {}", job.local, job.incoming()), detail: format!("ssh exited with code 255 after {sent} bytes: {}", last_line(&text)) }.into());
         }
         Ok((Reply::parse(code_of(status), &out, &err), sent))
     }
@@ -754,7 +802,9 @@ impl<'a> Remote<'a> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
         let mut child = c.spawn().context("cannot start `rsync`")?;
+        let watch = StopOnSignal::watch(child.id());
         let stderr = drain(child.stderr.take());
         let mut stdout = child.stdout.take().expect("piped");
         let mut text = Vec::new();
@@ -780,11 +830,20 @@ impl<'a> Remote<'a> {
             }
             text.extend_from_slice(&buf[..n]);
         }
-        let status = child.wait()?;
+        let status = watch.wait(&mut child)?;
+        drop(watch);
         let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
         if !status.success() {
+            if let Some(e) = interrupted(job) {
+                return Err(e);
+            }
             if looks_like_ssh_failure(&err) {
                 return Err(ssh::ssh_error(&self.s.cfg, &err));
+            }
+            // rsync's codes for a lost connection: 10 socket I/O, 12 protocol data stream,
+            // 30 I/O timeout, 35 connect timeout, 255 its transport (ssh) died.
+            if matches!(status.code(), Some(10 | 12 | 30 | 35 | 255)) {
+                return Err(Dropped { host: self.s.host().to_string(), what: format!("{} to {}", job.local, job.incoming()), detail: format!("rsync exited with code {}: {}", code_of(status), last_line(&err)) }.into());
             }
             let reply = Reply { code: code_of(status), fields: vec![], records: vec![], stderr: err };
             return Err(failure(self.s, job.remote_dir, &format!("rsync of {} to {}", job.local, job.incoming()), &reply));
@@ -796,6 +855,69 @@ impl<'a> Remote<'a> {
 
 fn code_of(status: ExitStatus) -> i32 {
     status.code().unwrap_or(-1)
+}
+
+/// Stops a transfer's child (its whole process group: rsync and its ssh) when SIGINT or SIGTERM
+/// arrives. Transfer children have process groups of their own, so a Ctrl-C at the terminal
+/// reaches only the tool; this makes a long upload end promptly anyway, and what arrived stays
+/// in `.incoming/` for the next upload to resume. The child is reaped through [`Self::wait`],
+/// under the same lock as the kill, so a reaped (and maybe reused) process id is never signalled.
+struct StopOnSignal {
+    /// True once the child is reaped or the watch is over.
+    over: std::sync::Arc<std::sync::Mutex<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopOnSignal {
+    fn watch(pgid: u32) -> StopOnSignal {
+        let over = std::sync::Arc::new(std::sync::Mutex::new(false));
+        let o = std::sync::Arc::clone(&over);
+        let thread = std::thread::spawn(move || loop {
+            {
+                let Ok(g) = o.lock() else { return };
+                if *g {
+                    return;
+                }
+                if crate::signals::pending().is_some() {
+                    // SAFETY: kill(2) on the group our child leads; it is not reaped (checked
+                    // under the lock that `wait` reaps under).
+                    unsafe { libc::kill(-(pgid as i32), libc::SIGTERM) };
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        });
+        StopOnSignal { over, thread: Some(thread) }
+    }
+
+    fn wait(&self, child: &mut std::process::Child) -> std::io::Result<ExitStatus> {
+        loop {
+            {
+                let mut g = self.over.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(st) = child.try_wait()? {
+                    *g = true;
+                    return Ok(st);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for StopOnSignal {
+    fn drop(&mut self) {
+        *self.over.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A transfer that ended because of SIGINT/SIGTERM is an interruption, not a failure.
+fn interrupted(job: &Job<'_>) -> Option<anyhow::Error> {
+    let sig = crate::signals::pending()?;
+    crate::ui::info(&format!("stopped sending {} ({}); what arrived is kept in {} and the next upload resumes from there", job.local, crate::signals::name(sig), job.incoming()));
+    Some(crate::signals::Interrupted(sig).into())
 }
 
 /// Reads a pipe to the end on a thread (so neither side of a child blocks).

@@ -327,7 +327,43 @@ impl Validator<'_> {
         }
     }
 
+    /// No argument or option can carry a NUL byte (TOML can write one as `\u0000`).
+    fn no_nul(&self, f: &TargetFile) -> Result<(), ConfigError> {
+        let sl = &f.schedule.slurm;
+        let one = |o: &Option<String>| o.iter().cloned().collect::<Vec<_>>();
+        let sp = |o: &Option<Spanned<String>>| o.iter().map(|v| v.get_ref().clone()).collect::<Vec<_>>();
+        let lists: Vec<(&str, Vec<String>)> = vec![
+            ("reach.user", sp(&f.reach.user)),
+            ("reach.identity", sp(&f.reach.identity)),
+            ("reach.proxy_jump", sp(&f.reach.proxy_jump)),
+            ("reach.known_hosts", sp(&f.reach.known_hosts)),
+            ("reach.ssh_config", sp(&f.reach.ssh_config)),
+            ("source.path", sp(&f.source.path)),
+            ("image.sif", one(&f.image.sif)),
+            ("reach.ssh_options", f.reach.ssh_options.clone()),
+            ("schedule.slurm.sbatch_args", sl.sbatch_args.clone()),
+            ("schedule.slurm.srun_args", sl.srun_args.clone()),
+            ("schedule.slurm.partition", one(&sl.partition)),
+            ("schedule.slurm.account", one(&sl.account)),
+            ("schedule.slurm.qos", one(&sl.qos)),
+            ("schedule.slurm.mpi", one(&sl.mpi)),
+            ("container.runtime_args", f.container.runtime_args.clone()),
+            ("image.build_args", f.image.build_args.clone()),
+            ("source.build_daphne", f.source.build_daphne.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default()),
+            ("source.build_worker", f.source.build_worker.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default()),
+            ("run.args", f.run.args.clone()),
+            ("run.script", one(&f.run.script)),
+        ];
+        for (key, list) in lists {
+            if list.iter().any(|a| a.contains('\0')) {
+                return Err(self.src.error(None, key, "holds a NUL byte (`\\u0000`), which no program can receive", "remove the NUL character"));
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self, f: TargetFile) -> Result<Config, ConfigError> {
+        self.no_nul(&f)?;
         let is_local_name = self.target == LOCAL;
         let scheduler = match &f.reach.scheduler {
             None if is_local_name || f.reach.host.is_none() => Scheduler::Local,
@@ -375,7 +411,21 @@ impl Validator<'_> {
             }
         };
         if workers == 0 || workers > 4096 {
-            return Err(self.flag_err("--workers", format!("must be between 1 and 4096 (got {workers})"), "pass a smaller number"));
+            // Name what set the number: the SLURM shape or the peer list in the file, or the flag.
+            let from_file = match scheduler {
+                Scheduler::Slurm => s.slurm.nodes.as_ref().map(|v| (v.span(), "schedule.slurm.nodes")).or_else(|| s.slurm.tasks_per_node.as_ref().map(|v| (v.span(), "schedule.slurm.tasks_per_node"))),
+                Scheduler::Ssh if self.ov.peers.is_none() => s.peers.as_ref().map(|v| (v.span(), "schedule.peers")),
+                _ => None,
+            };
+            return Err(match from_file {
+                Some((span, key)) => self.src.error(
+                    Some(span),
+                    key,
+                    format!("makes {workers} workers; at most 4096 are supported"),
+                    "use fewer nodes, tasks per node or peers",
+                ),
+                None => self.flag_err("--workers", format!("must be between 1 and 4096 (got {workers})"), "pass a smaller number"),
+            });
         }
         if scheduler == Scheduler::Ssh && peers.is_empty() {
             return Err(self.missing(
@@ -657,9 +707,11 @@ impl Validator<'_> {
     fn payload(&self, f: &TargetFile) -> Result<PayloadCfg, ConfigError> {
         let p = &f.payload;
         let globs = p.globs.clone().unwrap_or_else(|| vec!["deploy/examples/*.daph".into()]);
-        for g in globs.iter().chain(&p.data) {
-            if let Err(e) = glob::Pattern::new(g) {
-                return Err(self.src.error(None, "payload.globs", format!("`{g}` is not a valid glob: {e}"), "fix the pattern, e.g. `deploy/examples/*.daph`"));
+        for (key, list) in [("payload.globs", &globs), ("payload.data", &p.data)] {
+            for g in list {
+                if let Err(e) = glob::Pattern::new(g) {
+                    return Err(self.src.error(None, key, format!("`{g}` is not a valid glob: {e}"), "fix the pattern, e.g. `deploy/examples/*.daph`"));
+                }
             }
         }
         let compression = match &p.compression {
@@ -743,3 +795,4 @@ pub fn expand_home(p: &str) -> Utf8PathBuf {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)] mod fuzz;

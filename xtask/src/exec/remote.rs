@@ -18,13 +18,15 @@ fn sinfo_argv(nodes: &str) -> Vec<String> {
 }
 
 /// Parses `sinfo -N -o '%N %T'`: nodes that are down, failing or not responding (`*`).
+/// A node in several partitions is listed once per partition; it is named once.
 fn unhealthy(sinfo: &str) -> Vec<String> {
-    sinfo
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(_, st)| st.ends_with('*') || ["down", "drain", "fail", "failing", "unknown"].iter().any(|b| st.starts_with(b)))
-        .map(|(n, st)| format!("{n} ({st})"))
-        .collect()
+    let mut bad: Vec<String> = vec![];
+    for (n, st) in sinfo.lines().filter_map(|l| l.split_once(' ')) {
+        if (st.ends_with('*') || ["down", "drain", "fail", "failing", "unknown"].iter().any(|b| st.starts_with(b))) && !bad.iter().any(|b| b.split(' ').next() == Some(n)) {
+            bad.push(format!("{n} ({st})"));
+        }
+    }
+    bad
 }
 
 /// Watches the job's nodes while the coordinator runs (one `sinfo` a second over the
@@ -47,7 +49,7 @@ impl NodeWatch {
         let (a, d, f) = (Arc::clone(&abort), Arc::clone(&done), Arc::clone(&failed));
         let thread = std::thread::spawn(move || {
             while !d.load(Ordering::SeqCst) {
-                let out = std::process::Command::new(&probe[0]).args(&probe[1..]).stdin(std::process::Stdio::null()).output();
+                let out = std::os::unix::process::CommandExt::process_group(std::process::Command::new(&probe[0]).args(&probe[1..]).stdin(std::process::Stdio::null()), 0).output();
                 if let Ok(out) = out {
                     let bad = unhealthy(&String::from_utf8_lossy(&out.stdout));
                     if !bad.is_empty() {
@@ -85,6 +87,24 @@ impl NodeWatch {
     }
 }
 
+/// Runs an upload; when the connection drops mid-transfer, runs it once more, which resumes
+/// from what already arrived in `.incoming/` (rsync --append-verify, or the stream from the
+/// remote size) and verifies the whole file's sha256 as always. A second drop, or a pending
+/// Ctrl-C, ends the upload with the (resumable) error.
+fn resuming<T>(host: &str, mut upload: impl FnMut() -> Result<T>) -> Result<T> {
+    match upload() {
+        Err(e) if transfer::is_dropped(&e) && crate::signals::pending().is_none() => {
+            let first = format!("{e:#}");
+            ui::warn(first.lines().next().unwrap_or_default());
+            ui::info(&format!("reconnecting to {host} and resuming the upload once"));
+            std::thread::sleep(Duration::from_secs(1));
+            crate::signals::check()?;
+            upload()
+        }
+        r => r,
+    }
+}
+
 fn sh(script: &str, args: &[&str]) -> Vec<String> {
     let mut a = vec!["sh".to_string(), "-c".into(), script.to_string(), "sh".into()];
     a.extend(args.iter().map(|s| s.to_string()));
@@ -112,7 +132,7 @@ impl Executor<'_> {
         let mut last = None;
         for host in self.upload_hosts() {
             let mut bar = ui::ByteProgress::new(&format!("image to {host}"));
-            let up = transfer::upload_image(self.session_for(&host)?, &sif, &hash, &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t))?;
+            let up = resuming(&host, || transfer::upload_image(self.session_for(&host)?, &sif, &hash, &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t)))?;
             bar.finish();
             if up.skipped {
                 ui::info(&format!("image {hash} is already on {host}; nothing sent"));
@@ -136,7 +156,7 @@ impl Executor<'_> {
         let mut last = None;
         for host in self.upload_hosts() {
             let mut bar = ui::ByteProgress::new(&format!("package to {host}"));
-            let up = transfer::upload_release(self.session_for(&host)?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t))?;
+            let up = resuming(&host, || transfer::upload_release(self.session_for(&host)?, Utf8Path::new(&pkg), &remote_dir, Method::Auto, &mut |d, t| bar.update(d, t)))?;
             bar.finish();
             if up.skipped {
                 ui::info(&format!("release {} is already complete on {host}; 0 payload bytes sent", up.remote_path));
@@ -169,7 +189,7 @@ impl Executor<'_> {
         std::fs::write(self.run.path("job.sh"), &script)?;
         self.session()?.write_file(&format!("{run_dir}/job.sh"), script.as_bytes(), 0o700)?;
         let argv = slurm::sbatch_argv(self.cfg, &run_id, &run_dir);
-        ui::cmd(&format!("on {}: {}", self.host(), crate::quote::display(&argv)));
+        ui::cmd(&format!("on {}: {}", self.host(), crate::quote::display(&crate::secrets::redact_argv(&argv))));
         self.run.record.sbatch = argv.clone();
         let out = self.session()?.output(&argv, None)?;
         if !out.status.success() {
@@ -277,11 +297,34 @@ impl Executor<'_> {
                 }
                 let n = p.ready.len();
                 if n != shown {
-                    ui::info(&format!("ready {n}/{total} ({:.1}s)", start.elapsed().as_secs_f64()));
+                    ui::progress("ready", n, total, start.elapsed().as_secs_f64());
                     shown = n;
                 }
                 if n >= total && p.peers.len() >= total {
                     self.record_peers(&p);
+                    // A Started line in a log does not prove the worker still lives: its node
+                    // may have died since (it stays "responding" for seconds). The gate is what
+                    // the coordinator needs, as locally: every worker accepts a connection,
+                    // probed from inside the allocation.
+                    match self.unreachable_workers() {
+                        Ok(gone) if !gone.is_empty() => {
+                            let mut hosts: Vec<&str> = gone.iter().map(|g| g.split(' ').next().unwrap_or(g)).collect();
+                            hosts.sort_unstable();
+                            hosts.dedup();
+                            let tasks: Vec<usize> = p.peers.iter().filter(|(_, a)| gone.iter().any(|g| g.contains(&format!("({a})")))).map(|(t, _)| *t).collect();
+                            let bad = self.bad_nodes(&p.nodes).unwrap_or_default();
+                            let tails = self.log_tails(&tasks);
+                            self.run.save()?;
+                            bail!(
+                                "wait: the workers on {} printed their Started line but no longer accept connections ({}): the node failed, lost its network, or the workers died (probed from inside job {job}){}\n{tails}",
+                                hosts.join(", "),
+                                gone.join(", "),
+                                if bad.is_empty() { String::new() } else { format!("; SLURM: node {} not healthy", bad.join(", ")) }
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => ui::warn(&format!("wait: could not probe the workers from inside job {job} ({}); going by their logs", format!("{e:#}").lines().next().unwrap_or_default())),
+                    }
                     return self.run.save();
                 }
                 if since.elapsed() > timeout {
@@ -405,7 +448,8 @@ impl Executor<'_> {
     /// nodes reach each other even where the login host cannot reach them).
     fn unreachable_workers(&mut self) -> Result<Vec<String>> {
         let job = self.job()?;
-        let probe = r#"for a in "$@"; do h=${a%:*}; p=${a##*:}; timeout 3 bash -c "exec 3<>/dev/tcp/$h/$p" 2>/dev/null || echo "$a"; done; exit 0"#;
+        // In parallel, so dead peers cost one timeout, not one each; addresses stay arguments.
+        let probe = r#"for a in "$@"; do (timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' probe "${a%:*}" "${a##*:}" 2>/dev/null || echo "$a") & done; wait; exit 0"#;
         let mut argv: Vec<String> = ["srun", &format!("--jobid={job}"), "--overlap", "--nodes=1", "--ntasks=1", "--quiet", "bash", "-c", probe, "probe"].map(String::from).to_vec();
         argv.extend(self.run.record.peers.iter().cloned());
         let out = self.session()?.run(&argv)?;

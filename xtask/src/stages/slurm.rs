@@ -16,10 +16,16 @@ use std::time::Duration;
 
 /// Runs in every task of the workers' step. Constant text: every variable part arrives as an
 /// environment variable or a positional argument, never spliced into the script. The worker
-/// runs in the foreground of the task (never in the background), so SLURM owns it for the
-/// step's life. When it exits at once because its port is taken on the node (another job of
-/// the same user, say), the next port `stride` away is tried, up to `port_retries` times.
+/// is the wrapper's child, never detached, so SLURM owns it for the step's life; the wrapper
+/// waits for it and outlives it: when SLURM stops the task it signals every process of the
+/// task, and a wrapper that died first would leave its worker a child of init, where process
+/// tracking by ancestry (proctrack/linuxproc) no longer finds it and `scancel` misses it. So
+/// TERM, INT and HUP are passed on to the worker, and the wrapper exits after it. When the
+/// worker exits at once because its port is taken on the node (another job of the same user,
+/// say), the next port `stride` away is tried, up to `port_retries` times.
 pub const WORKER_WRAPPER: &str = r#"set -u
+child= stop=0 got=0
+trap 'got=1 stop=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null' TERM INT HUP
 if [ "$DAPHNE_ADVERTISE" = hostname ]; then
   addr=$(hostname)
 else
@@ -36,10 +42,19 @@ attempt=0
 while :; do
   port=$((first + attempt * DAPHNE_PORT_STRIDE))
   echo "$addr:$port" > "peers.d/$SLURM_PROCID.tmp" && mv -f "peers.d/$SLURM_PROCID.tmp" "peers.d/$SLURM_PROCID"
+  [ "$stop" = 0 ] || exit 143
   started=$(date +%s)
-  "$@" "$addr:$port"
-  rc=$?
+  "$@" "$addr:$port" &
+  child=$!
+  while :; do
+    got=0
+    wait "$child"
+    rc=$?
+    [ "$got" = 1 ] || break
+  done
+  child=
   [ "$rc" -eq 0 ] && exit 0
+  [ "$stop" = 0 ] || exit "$rc"
   quick=$(( $(date +%s) - started <= 2 ))
   taken=0
   if command -v ss >/dev/null 2>&1; then
