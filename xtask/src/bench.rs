@@ -160,9 +160,9 @@ pub fn all(root: &Utf8Path, target: &str) -> Result<String> {
         verdict(p.speedup >= 3.0 && p.pack_not_larger, ">= 3x faster, not larger"),
     ));
     let r = readiness(root, target, 1, 16)?;
-    rows.push(("Readiness: all ready, 48 vs 3 workers".into(), first_lines(&r, 1, 2), field(&r, "ratio "), field(&r, "(target")));
+    rows.push(("Readiness: all ready, 48 vs 3 workers".into(), first_lines(&r, 1, 2), field(&r, "ratio "), field_after(&r, "ratio ")));
     let d = redeploy(root, target)?;
-    rows.push(("Redeploy with nothing changed vs first deploy".into(), first_lines(&d, 1, 2), field(&d, "ratio "), field(&d, "(target")));
+    rows.push(("Redeploy with nothing changed vs first deploy".into(), first_lines(&d, 1, 2), field(&d, "ratio "), field_after(&d, "ratio ")));
     rows.push(("Tool overhead of a redeploy".into(), "wall minus build, transfer, SLURM, coordinator".into(), field(&d, "tool overhead of the redeploy "), field_after(&d, "tool overhead")));
     let (log_count, masters) = handshakes(root, target)?;
     rows.push((
