@@ -374,3 +374,39 @@ fn a_worker_failing_at_start_fails_the_wait_with_its_log_tail() {
     assert_no_worker_left(&rec);
     drop(held);
 }
+
+/// The terminal or pipe goes away mid-deploy (ssh session dropped, CI log closed): writes
+/// fail, but the run goes on and still stops its workers.
+#[test]
+fn closed_stdout_and_stderr_do_not_strand_workers() {
+    use std::io::BufRead;
+    let runs = root().join("target/xtask/runs");
+    let before: std::collections::HashSet<PathBuf> = std::fs::read_dir(&runs).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let go = tempfile::tempdir().unwrap();
+    let go_file = go.path().join("go");
+    let mut child = xtask()
+        .args(["deploy", "--workers", "2"])
+        .env("XTASK_HOLD_BEFORE", "run")
+        .env("XTASK_HOLD_UNTIL", &go_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("holding before `run`") {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "deploy ended early");
+        }
+        drop(child.stdout.take());
+        // Both pipes close here, while the run is held.
+    }
+    std::fs::write(&go_file, b"go").unwrap();
+    let status = child.wait().unwrap();
+    let dir = std::fs::read_dir(&runs).unwrap().flatten().map(|e| e.path()).find(|p| !before.contains(p) && record(p)["workers"].as_array().is_some_and(|w| w.len() == 2)).expect("the run");
+    let rec = record(&dir);
+    let stages: Vec<&str> = rec["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert!(stages.ends_with(&["logs", "stop", "clean"]), "cleanup did not run: {stages:?} ({status:?})");
+    assert_no_worker_left(&rec);
+}

@@ -69,7 +69,7 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
                 }
                 B::All => crate::bench::all(root, &g.target)?,
             };
-            println!("{report}");
+            crate::out!("{report}");
             return Ok(());
         }
         _ => {}
@@ -86,7 +86,7 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
     }
     if let Command::Singularity { check: true, .. } = cmd {
         crate::stages::image::check(&cfg, &facts.definition)?;
-        println!("{} is up to date", crate::paths::display(root, &cfg.image.definition));
+        crate::out!("{} is up to date", crate::paths::display(root, &cfg.image.definition));
         return Ok(());
     }
     let script = match &cmd {
@@ -104,7 +104,7 @@ pub fn main(root: &Utf8Path, g: &Global, cmd: Command) -> Result<()> {
             _ => crate::paths::runs_dir(root).join("<new run id>"),
         };
         let plan = Plan { command: command.into(), target: cfg.target.clone(), summary: summary(&cfg, &facts), run_dir, stages };
-        print!("{plan}");
+        crate::out_inline!("{plan}");
         return Ok(());
     }
     if let Command::Status = cmd {
@@ -334,7 +334,9 @@ const CLEANUP: &[&str] = &["logs", "stop", "clean"];
 fn deploy(ex: &mut Executor, stages: &[Stage]) -> Result<()> {
     let mut result = Ok(());
     for stage in stages.iter().filter(|s| !CLEANUP.contains(&s.name)) {
-        result = ex.run_stage(stage);
+        // A bug that panics in a stage must not skip the cleanup below.
+        result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ex.run_stage(stage)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("{}: internal error (a panic); cleaning up", stage.name)));
         if result.is_err() {
             break;
         }
@@ -390,38 +392,38 @@ fn open_current(root: &Utf8Path, g: &Global) -> Result<Run> {
 }
 
 fn status(cfg: &Config, run: &Run) -> Result<()> {
-    println!("run {} (target {}, {})", run.id(), cfg.target, run.record.outcome);
+    crate::out!("run {} (target {}, {})", run.id(), cfg.target, run.record.outcome);
     let mut up = 0;
     for w in &run.record.workers {
         let alive = w.pid.is_some_and(|p| crate::proc::alive(p, w.start_ticks));
         let accepting = alive && workers::accepts(&w.addr(), std::time::Duration::from_millis(300));
         up += usize::from(accepting);
         let state = if accepting { "up" } else if alive { "starting" } else { "down" };
-        println!("  worker {:>3}  {:<22} pid {:<8} {state}", w.index, w.addr(), w.pid.map_or("-".into(), |p| p.to_string()));
+        crate::out!("  worker {:>3}  {:<22} pid {:<8} {state}", w.index, w.addr(), w.pid.map_or("-".into(), |p| p.to_string()));
     }
-    println!("{up}/{} workers up", run.record.workers.len());
+    crate::out!("{up}/{} workers up", run.record.workers.len());
     Ok(())
 }
 
 fn show_logs(run: &Run) -> Result<()> {
     let r = &run.record;
-    println!("run {} ({} on {}, {}, {})", r.run_id, r.command, r.target, r.created_utc, r.outcome);
+    crate::out!("run {} ({} on {}, {}, {})", r.run_id, r.command, r.target, r.created_utc, r.outcome);
     if let Some(e) = &r.error {
-        println!("error: {e}");
+        crate::out!("error: {e}");
     }
     for s in &r.stages {
-        println!("  {:<12} {:<11} {:>7.2}s  {}", s.name, s.status, s.seconds, s.reason);
+        crate::out!("  {:<12} {:<11} {:>7.2}s  {}", s.name, s.status, s.seconds, s.reason);
     }
-    println!("directory: {}", run.dir);
+    crate::out!("directory: {}", run.dir);
     let mut files: Vec<_> = run.dir.read_dir_utf8()?.flatten().map(|e| e.file_name().to_string()).collect();
     files.sort();
     for f in files {
-        println!("  {f}");
+        crate::out!("  {f}");
     }
     if let Some(c) = r.coordinator_runs.last() {
-        println!("coordinator output ({}):", c.stdout);
+        crate::out!("coordinator output ({}):", c.stdout);
         for l in crate::proc::tail_file(Utf8Path::new(&c.stdout), 20) {
-            println!("  {l}");
+            crate::out!("  {l}");
         }
     }
     Ok(())
@@ -430,8 +432,8 @@ fn show_logs(run: &Run) -> Result<()> {
 fn list_targets(root: &Utf8Path) -> Result<()> {
     for t in config::list_targets(root) {
         match config::load(root, &t, &Overrides::default()) {
-            Ok(c) => println!("{t:<16} {:<6} {}", scheduler_name(&c), c.description),
-            Err(e) => println!("{t:<16} error: {}", e.to_string().lines().next().unwrap_or("")),
+            Ok(c) => crate::out!("{t:<16} {:<6} {}", scheduler_name(&c), c.description),
+            Err(e) => crate::out!("{t:<16} error: {}", e.to_string().lines().next().unwrap_or("")),
         }
     }
     Ok(())
@@ -440,17 +442,17 @@ fn list_targets(root: &Utf8Path) -> Result<()> {
 fn list_runs(root: &Utf8Path) -> Result<()> {
     let runs = runstate::list(root);
     if runs.is_empty() {
-        println!("no runs yet; `cargo xtask deploy` makes one");
+        crate::out!("no runs yet; `cargo xtask deploy` makes one");
     }
     for r in runs {
-        println!("{:<40} {:<10} {:<10} {:<21} {}", r.run_id, r.command, r.target, r.created_utc, r.outcome);
+        crate::out!("{:<40} {:<10} {:<10} {:<21} {}", r.run_id, r.command, r.target, r.created_utc, r.outcome);
     }
     Ok(())
 }
 
 fn verify_package(file: &Utf8Path) -> Result<()> {
     let v = crate::package::verify(file).with_context(|| format!("package --verify: {file} is not a valid package"))?;
-    println!("{file}: OK ({} files, content hash {}, archive sha256 {})", v.manifest.files.len(), v.content_hash, v.archive_sha256);
+    crate::out!("{file}: OK ({} files, content hash {}, archive sha256 {})", v.manifest.files.len(), v.content_hash, v.archive_sha256);
     Ok(())
 }
 

@@ -197,9 +197,9 @@ pub fn run(cfg: &Config, facts: &Facts) -> Result<()> {
             ui::event("check", serde_json::json!({"check": c.name, "status": st, "detail": c.detail, "fix": c.fix}));
             continue;
         }
-        println!("{st:<5} {:<26} {}", c.name, c.detail);
+        crate::out!("{st:<5} {:<26} {}", c.name, c.detail);
         if !c.fix.is_empty() && c.status != Status::Ok {
-            println!("      {:<26} fix: {}", "", c.fix);
+            crate::out!("      {:<26} fix: {}", "", c.fix);
         }
     }
     if failed > 0 {

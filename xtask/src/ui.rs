@@ -1,6 +1,43 @@
 //! What the user sees: stage headers, echoed commands, notes and warnings, on stderr.
 
 use std::io::IsTerminal;
+
+/// Writes to stderr, ignoring failures: a closed terminal or pipe must never abort a run
+/// halfway (the cleanup of workers and jobs depends on the run going on).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// A line on stdout that never panics: a closed pipe (`| head`) must not abort the tool.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `out!` without the newline.
+#[macro_export]
+macro_rules! out_inline {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `say!` without the newline, for progress lines.
+macro_rules! say_inline {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut e = std::io::stderr();
+        let _ = write!(e, $($t)*);
+        let _ = e.flush();
+    }};
+}
 use std::sync::atomic::{AtomicU8, Ordering};
 
 static LEVEL: AtomicU8 = AtomicU8::new(1);
@@ -60,7 +97,7 @@ pub fn stage(name: &str, what: &str) {
         return event("stage_start", serde_json::json!({"stage": name, "reason": what}));
     }
     if normal() {
-        eprintln!("{} {name}: {what}", paint("1;34", "==>"));
+        say!("{} {name}: {what}", paint("1;34", "==>"));
     }
 }
 
@@ -69,7 +106,7 @@ pub fn skip(name: &str, why: &str) {
         return event("stage_skip", serde_json::json!({"stage": name, "reason": why}));
     }
     if normal() {
-        eprintln!("{} {name}: skipped, {why}", paint("2", "==>"));
+        say!("{} {name}: skipped, {why}", paint("2", "==>"));
     }
 }
 
@@ -78,13 +115,13 @@ pub fn info(msg: &str) {
         return event("info", serde_json::json!({"message": msg}));
     }
     if normal() {
-        eprintln!("    {msg}");
+        say!("    {msg}");
     }
 }
 
 pub fn detail(msg: &str) {
     if verbose() {
-        eprintln!("    {msg}");
+        say!("    {msg}");
     }
 }
 
@@ -93,7 +130,7 @@ pub fn cmd(line: &str) {
         return event("command", serde_json::json!({"command": line}));
     }
     if normal() {
-        eprintln!("    {} {line}", paint("2", "$"));
+        say!("    {} {line}", paint("2", "$"));
     }
 }
 
@@ -101,14 +138,14 @@ pub fn warn(msg: &str) {
     if json() {
         return event("warning", serde_json::json!({"message": msg}));
     }
-    eprintln!("{} {msg}", paint("1;33", "warning:"));
+    say!("{} {msg}", paint("1;33", "warning:"));
 }
 
 pub fn error(msg: &str) {
     if json() {
         return event("error", serde_json::json!({"message": msg}));
     }
-    eprintln!("{} {msg}", paint("1;31", "error:"));
+    say!("{} {msg}", paint("1;31", "error:"));
 }
 
 /// A one-line progress display: spinner, label, elapsed seconds and the last output line.
@@ -134,13 +171,13 @@ impl Spinner {
         self.frame = (self.frame + 1) % FRAMES.len();
         let width = terminal_width().saturating_sub(self.label.len() + 16).max(10);
         let line: String = last_line.chars().filter(|c| !c.is_control()).take(width).collect();
-        eprint!("\r\x1b[2K    {} {} {:>5.0}s | {line}", FRAMES[self.frame], self.label, self.start.elapsed().as_secs_f64());
+        say_inline!("\r\x1b[2K    {} {} {:>5.0}s | {line}", FRAMES[self.frame], self.label, self.start.elapsed().as_secs_f64());
         self.last_draw = Some(std::time::Instant::now());
     }
 
     pub fn clear(&mut self) {
         if self.enabled && self.last_draw.is_some() {
-            eprint!("\r\x1b[2K");
+            say_inline!("\r\x1b[2K");
         }
     }
 }
@@ -169,13 +206,13 @@ impl ByteProgress {
         }
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        eprint!("\r\x1b[2K    {} {:.1}/{:.1} MiB  {:.1} MiB/s", self.label, mib(done), mib(total), mib(done) / secs);
+        say_inline!("\r\x1b[2K    {} {:.1}/{:.1} MiB  {:.1} MiB/s", self.label, mib(done), mib(total), mib(done) / secs);
         self.last_draw = Some(std::time::Instant::now());
     }
 
     pub fn finish(&mut self) {
         if self.enabled && self.last_draw.is_some() {
-            eprint!("\r\x1b[2K");
+            say_inline!("\r\x1b[2K");
         }
     }
 }

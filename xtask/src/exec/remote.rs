@@ -506,19 +506,19 @@ impl Executor<'_> {
         let job = self.job()?;
         let p = self.poll()?;
         let bad = self.bad_nodes(&p.nodes).unwrap_or_default();
-        println!("run {} (target {}): job {job} {}{}", self.run.id(), self.cfg.target, p.state, if p.nodes.is_empty() { String::new() } else { format!(" on {}", p.nodes) });
+        crate::out!("run {} (target {}): job {job} {}{}", self.run.id(), self.cfg.target, p.state, if p.nodes.is_empty() { String::new() } else { format!(" on {}", p.nodes) });
         let running = p.state == "RUNNING";
         for (t, addr) in &p.peers {
             let host = addr.split(':').next().unwrap_or("");
             let node_bad = bad.iter().any(|b| b.split(' ').next() == Some(host));
             let state = if running && p.ready.contains(t) && !node_bad { "up" } else if running && !node_bad { "starting" } else { "down" };
-            println!("  worker {t:>3}  {addr:<22} {state}");
+            crate::out!("  worker {t:>3}  {addr:<22} {state}");
         }
         for b in &bad {
-            println!("  node {b} is not healthy");
+            crate::out!("  node {b} is not healthy");
         }
         let up = if running { p.ready.len() } else { 0 };
-        println!("{up}/{} workers up", self.cfg.workers);
+        crate::out!("{up}/{} workers up", self.cfg.workers);
         Ok(())
     }
 }

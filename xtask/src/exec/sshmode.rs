@@ -226,13 +226,13 @@ impl Executor<'_> {
     /// `status` for the ssh scheduler.
     pub fn ssh_status(&mut self) -> Result<()> {
         let (ready, dead) = self.poll_ssh()?;
-        println!("run {} (target {}, ssh scheduler)", self.run.id(), self.cfg.target);
+        crate::out!("run {} (target {}, ssh scheduler)", self.run.id(), self.cfg.target);
         for w in &self.run.record.workers {
             let st = if dead.contains(&w.index) { "down" } else if ready.contains(&w.index) { "up" } else { "starting" };
-            println!("  worker {:>3}  {:<22} pid {:<8} {st}", w.index, w.addr(), w.pid.map_or("-".into(), |p| p.to_string()));
+            crate::out!("  worker {:>3}  {:<22} pid {:<8} {st}", w.index, w.addr(), w.pid.map_or("-".into(), |p| p.to_string()));
         }
         let up = ready.iter().filter(|k| !dead.contains(k)).count();
-        println!("{up}/{} workers up", self.run.record.workers.len());
+        crate::out!("{up}/{} workers up", self.run.record.workers.len());
         Ok(())
     }
 }
