@@ -273,11 +273,6 @@ fn interrupted_deploy(sig: i32, want: i32, stage: &str) {
     assert_no_worker_left(&rec);
 }
 
-fn parent_of(pid: i64) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
-}
-
 #[test]
 fn sigint_during_a_deploy_cleans_up_and_exits_130() {
     for stage in ["build", "package", "upload", "start", "wait", "run"] {

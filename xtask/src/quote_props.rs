@@ -44,17 +44,19 @@ fn hostile_argv() -> impl Strategy<Value = Vec<String>> {
     proptest::collection::vec(hostile_string(false), 0..6)
 }
 
-/// A runner with a seed that is printed on failure and can be set with `QUOTE_PROPS_SEED`.
+/// A runner with a seed that is printed on failure and can be set with `QUOTE_PROPS_SEED`
+/// (hex, or `random`). Without it the seed is fixed, so CI runs the same cases every time.
 fn runner(cases: u32) -> (TestRunner, String) {
     let seed: [u8; 32] = match std::env::var("QUOTE_PROPS_SEED") {
-        Ok(hex) => {
+        Err(_) => [0x5e; 32],
+        Ok(hex) if hex != "random" => {
             let mut s = [0u8; 32];
             for (i, b) in s.iter_mut().enumerate() {
                 *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
             }
             s
         }
-        Err(_) => {
+        Ok(_) => {
             let mut s = [0u8; 32];
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
             s[..16].copy_from_slice(&t.to_le_bytes());

@@ -352,11 +352,16 @@ fn line_starts(text: &str) -> impl Iterator<Item = (usize, &str)> {
     })
 }
 
+/// The name in serde's "unknown field `NAME`, expected ...". NAME may itself hold backticks
+/// (a quoted TOML key can), so it ends at the backtick before ", expected", else the last one.
+/// An empty name is shown as `""`, as it is written in TOML.
 fn backticked_after(message: &str, prefix: &str) -> Option<String> {
     let rest = message.strip_prefix(prefix)?;
     let start = rest.find('`')? + 1;
-    let end = rest[start..].find('`')? + start;
-    Some(rest[start..end].to_string())
+    let tail = &rest[start..];
+    let end = tail.find("`, expected").or_else(|| tail.rfind('`'))?;
+    let name = &tail[..end];
+    Some(if name.is_empty() { "\"\"".to_string() } else { name.to_string() })
 }
 
 #[cfg(test)]
@@ -387,6 +392,8 @@ mod tests {
         assert_eq!(key_at(text, at("\"host"), "invalid type"), "reach.host");
         assert_eq!(key_at("schedule.wrokers = 1\n", 0, "unknown field `wrokers`"), "schedule.wrokers");
         assert_eq!(key_at("[zz]\n", 1, "unknown field `zz`"), "zz");
+        assert_eq!(backticked_after("unknown field ``reach`, expected one of `a`, `b`", "unknown field").as_deref(), Some("`reach"));
+        assert_eq!(backticked_after("unknown field ``, expected `a`", "unknown field").as_deref(), Some("\"\""));
         assert_eq!(key_at("[a.a]\n", 1, "unknown field `a`"), "a");
         assert_eq!(key_at("[reach.reach]\n", 7, "unknown field `reach`"), "reach.reach");
         assert_eq!(key_at("[reach]\nschedule.workers = 1\n", 8, "unknown field `schedule`"), "reach.schedule");

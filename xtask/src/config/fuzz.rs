@@ -400,7 +400,7 @@ fn mutated_targets_never_panic_and_errors_point_at_file_line_and_key() {
     let n_seeds = seeds.len();
     let cases = std::env::var("CONFIG_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(20_000);
     let started = std::time::Instant::now();
-    let mut runner = TestRunner::new(PropConfig { cases, failure_persistence: None, max_shrink_iters: 20_000, ..PropConfig::default() });
+    let mut runner = TestRunner::new(PropConfig { cases, failure_persistence: None, max_shrink_iters: 20_000, rng_seed: prop_seed(), ..PropConfig::default() });
     let (ok, err) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
     let strategy = (0..n_seeds, proptest::collection::vec(mutation(), 1..5));
     let result = runner.run(&strategy, |(seed, muts)| {
@@ -428,7 +428,7 @@ fn mutated_targets_never_panic_and_errors_point_at_file_line_and_key() {
 /// Purely random text (not TOML-shaped) and the empty file.
 #[test]
 fn random_text_never_panics() {
-    let mut runner = TestRunner::new(PropConfig { cases: 5000, failure_persistence: None, ..PropConfig::default() });
+    let mut runner = TestRunner::new(PropConfig { cases: 5000, failure_persistence: None, rng_seed: prop_seed(), ..PropConfig::default() });
     runner
         .run(&any::<String>(), |s| {
             let v = check(&s);
@@ -505,4 +505,14 @@ fn corpus_cases_load_as_recorded() {
         }
     }
     assert!(wrong.is_empty(), "{} corpus cases differ:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+/// Property tests run a fixed, reproducible set of cases by default, so CI is deterministic;
+/// `PROPTEST_RNG_SEED=random` (or a number) explores other cases.
+fn prop_seed() -> proptest::test_runner::RngSeed {
+    match std::env::var("PROPTEST_RNG_SEED").as_deref() {
+        Ok("random") => proptest::test_runner::RngSeed::Random,
+        Ok(n) => n.parse().map(proptest::test_runner::RngSeed::Fixed).unwrap_or(proptest::test_runner::RngSeed::Fixed(0x5eed_da9e)),
+        Err(_) => proptest::test_runner::RngSeed::Fixed(0x5eed_da9e),
+    }
 }
